@@ -1,0 +1,103 @@
+"""Test session set-up.
+
+Before anything imports Airflow, this points AIRFLOW_HOME at a fresh temporary folder with an
+absolute SQLite URL and examples off. Fixtures start the real services lazily, once per
+session, and stop them by PID at the end:
+
+- ``testbed``: two local facilities (``docker/facility/up``): per facility a slurmctld, a
+  slurmd and an sshd, plus one munged; stopped by ``docker/facility/down``.
+- ``airflow_db``: the metadata database of the session's AIRFLOW_HOME, migrated once.
+- ``airflow_instance``: api-server, scheduler, dag-processor and triggerer on that home, with
+  the facilities' connections; DAG files are installed into its dags folder per test.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+_AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="xffl-airflow-home."))
+_DAGS = _AIRFLOW_HOME / "dags"
+_DAGS.mkdir()
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_AIRFLOW_HOME),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(_DAGS),
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+    }
+)
+
+
+def facility_python() -> str:
+    """The facility-side Python (no Airflow) that `make` installs; jobs at the facilities run it."""
+    python = os.environ.get("XFFL_FACILITY_PYTHON") or str(REPO / ".venv-facility" / "bin" / "python")
+    if not Path(python).exists():
+        pytest.fail(f"no facility environment at {python}: run the tests with `make test`")
+    return python
+
+
+@pytest.fixture(scope="session")
+def airflow_home() -> Path:
+    return _AIRFLOW_HOME
+
+
+@pytest.fixture(scope="session")
+def airflow_db(airflow_home: Path) -> Path:
+    """Migrates the session's SQLite metadata database once."""
+    airflow = Path(sys.executable).parent / "airflow"
+    subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, timeout=600)
+    return airflow_home
+
+
+@pytest.fixture(scope="session")
+def testbed():
+    """Two local facilities, ``site1`` and ``site2``, for the whole session."""
+    from xffl_testbed.facilities import Testbed
+
+    if os.geteuid() != 0:
+        pytest.fail("the local facilities need root (useradd, Slurm daemons); run `make test` as root")
+    bed = Testbed.up(2, names=["site1", "site2"], python=facility_python())
+    try:
+        yield bed
+    finally:
+        bed.down(purge=True)
+
+
+@pytest.fixture(scope="session")
+def airflow_instance(airflow_db: Path, testbed):
+    """A real Airflow (api-server, scheduler, dag-processor, triggerer) reaching the facilities."""
+    from xffl_testbed.airflow_instance import AirflowInstance
+
+    instance = AirflowInstance(
+        airflow_db,
+        dags_folder=_DAGS,
+        env={**testbed.airflow_env(), "XFFL_FACILITY_PYTHON": facility_python()},
+        sql_alchemy_conn=os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"],
+    )
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()
+
+
+@pytest.fixture
+def install_dag(airflow_instance):
+    """Copies a DAG file into the running instance's dags folder and waits until it is parsed."""
+
+    def install(path: str | Path, dag_id: str):
+        shutil.copy(path, _DAGS / Path(path).name)
+        airflow_instance.wait_for_dag(dag_id, timeout=180)
+        return airflow_instance
+
+    return install
