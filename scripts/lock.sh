@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates the two lock files from pyproject.toml in throw-away virtualenvs:
-#   requirements.lock           the Airflow side, tests and demo (extras airflow, dev)
+#   requirements.lock           the Airflow side, deployment, tests and demo (airflow, deploy, dev)
 #   requirements-facility.lock  what a facility node needs (no Airflow)
 # The upstream Airflow constraints file cannot be fetched here, so these are our constraints.
 set -euo pipefail
@@ -22,5 +22,5 @@ lock() {  # lock OUTPUT EXTRAS
     mv "$out.tmp" "$out"
     echo "wrote $out ($(grep -vc '^#' "$out") packages)"
 }
-lock requirements.lock "[airflow,dev]"
+lock requirements.lock "[airflow,deploy,dev]"
 lock requirements-facility.lock ""
