@@ -22,6 +22,7 @@ import httpx
 
 from xffl_testbed.processes import alive, terminate, with_descendants
 
+REPO = Path(__file__).resolve().parent.parent
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 # Round latency settings measured on a 2-core machine (docs/airflow-latency.md): the idle
@@ -81,9 +82,12 @@ class AirflowInstance:
         passwords.write_text(json.dumps({username: self.password}))
         passwords.chmod(0o600)
         bin_dir = str(Path(sys.executable).parent)
+        # This checkout's code first (plugins/ holds xffl_airflow), whatever the venv points at.
+        pythonpath = [str(REPO / "plugins"), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(":") if p]
         self.env = {
             **os.environ,
             "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
+            "PYTHONPATH": ":".join(pythonpath),
             "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
