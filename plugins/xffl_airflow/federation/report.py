@@ -1,0 +1,169 @@
+"""The campaign report: per round and facility, losses and timings, read from the manifests.
+
+``campaign_rows`` reads the round manifests; ``render_table`` makes the text table that the
+final task prints into its log; ``write_report`` also draws ``report.png`` beside the rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from xffl_tasks.manifest import MANIFEST, round_dirs
+
+COLUMNS = (
+    ("round", "round", "{}"),
+    ("facility", "facility", "{}"),
+    ("status", "status", "{}"),
+    ("job", "job", "{}"),
+    ("queue_s", "queue s", "{:.1f}"),
+    ("run_s", "run s", "{:.1f}"),
+    ("push_s", "push s", "{:.2f}"),
+    ("pull_s", "pull s", "{:.2f}"),
+    ("loss_before", "loss before", "{:.4f}"),
+    ("loss_after", "loss after", "{:.4f}"),
+    ("samples", "samples", "{}"),
+)
+
+
+def load_manifests(campaign_dir: str | Path) -> list[dict[str, Any]]:
+    manifests = []
+    for _, folder in round_dirs(campaign_dir):
+        path = folder / MANIFEST
+        if path.is_file():
+            manifests.append(json.loads(path.read_text()))
+    return manifests
+
+
+def _get(mapping: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def campaign_rows(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per round and facility, then one 'global' row per round."""
+    rows = []
+    for manifest in manifests:
+        for name, facility in sorted((manifest.get("facilities") or {}).items()):
+            rows.append(
+                {
+                    "round": manifest["round"],
+                    "facility": name,
+                    "status": facility.get("status"),
+                    "job": _get(facility, "job", "job_id"),
+                    "queue_s": _get(facility, "job", "queue_wait_s"),
+                    "run_s": _get(facility, "job", "run_s"),
+                    "push_s": _get(facility, "push", "seconds"),
+                    "pull_s": _get(facility, "pull", "seconds"),
+                    "loss_before": _get(facility, "metrics", "val_loss_before"),
+                    "loss_after": _get(facility, "metrics", "val_loss_after"),
+                    "samples": _get(facility, "metrics", "num_samples"),
+                }
+            )
+        rows.append(
+            {
+                "round": manifest["round"],
+                "facility": "(global)",
+                "status": "stop" if _get(manifest, "decision", "stop") else "continue",
+                "job": None,
+                "queue_s": None,
+                "run_s": None,
+                "push_s": None,
+                "pull_s": _get(manifest, "aggregation", "seconds"),
+                "loss_before": manifest.get("weighted_val_loss"),
+                "loss_after": manifest.get("weighted_val_loss_after"),
+                "samples": sum(
+                    (_get(f, "metrics", "num_samples") or 0) for f in (manifest.get("facilities") or {}).values()
+                ),
+            }
+        )
+    return rows
+
+
+def render_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table; the global row's 'pull s' column holds the aggregation seconds."""
+    cells = [[title for _, title, _ in COLUMNS]]
+    for row in rows:
+        line = []
+        for key, _, fmt in COLUMNS:
+            value = row.get(key)
+            line.append("-" if value is None else fmt.format(value))
+        cells.append(line)
+    widths = [max(len(r[i]) for r in cells) for i in range(len(COLUMNS))]
+    out = []
+    for index, line in enumerate(cells):
+        out.append("  ".join(c.rjust(w) if i not in (1, 2) else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        if index == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def _write_atomic_bytes(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    """Losses per round (each facility and the weighted global) and time per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, (losses, times) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = sorted({r["facility"] for r in rows})
+    for name in names:
+        mine = [r for r in rows if r["facility"] == name and r["loss_before"] is not None]
+        if not mine:
+            continue
+        style = {"linewidth": 2.5, "color": "black"} if name == "(global)" else {"marker": "o"}
+        label = "weighted (global model)" if name == "(global)" else name
+        losses.plot([r["round"] for r in mine], [r["loss_before"] for r in mine], label=label, **style)
+    losses.set_xlabel("round")
+    losses.set_ylabel("validation loss of the global model received")
+    losses.legend(fontsize=8)
+    losses.grid(alpha=0.3)
+
+    rounds = sorted({r["round"] for r in rows})
+    parts = {"queue": "queue_s", "training": "run_s", "push": "push_s", "pull": "pull_s"}
+    bottom = [0.0] * len(rounds)
+    for label, key in parts.items():
+        heights = []
+        for rnd in rounds:
+            values = [r[key] for r in rows if r["round"] == rnd and r["facility"] != "(global)" and r[key] is not None]
+            heights.append(max(values) if values else 0.0)
+        times.bar(rounds, heights, bottom=bottom, label=f"{label} (slowest facility)")
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    aggregation = [next((r["pull_s"] or 0.0 for r in rows if r["round"] == rnd and r["facility"] == "(global)"), 0.0) for rnd in rounds]
+    times.bar(rounds, aggregation, bottom=bottom, label="aggregation")
+    times.set_xlabel("round")
+    times.set_ylabel("seconds")
+    times.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    _write_atomic_bytes(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
+
+
+def write_report(campaign_dir: str | Path) -> tuple[str, Path, Path]:
+    """Writes ``report.txt`` and ``report.png`` in the campaign folder; returns the table too."""
+    campaign_dir = Path(campaign_dir)
+    rows = campaign_rows(load_manifests(campaign_dir))
+    table = render_table(rows)
+    txt = campaign_dir / "report.txt"
+    _write_atomic_bytes(txt, lambda tmp: Path(tmp).write_text(table + "\n"))
+    png = campaign_dir / "report.png"
+    plot(rows, png, title=f"campaign {campaign_dir.name}")
+    return table, txt, png

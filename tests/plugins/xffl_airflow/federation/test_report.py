@@ -1,0 +1,49 @@
+"""The campaign report: a table from the manifests, and a PNG plot."""
+
+from __future__ import annotations
+
+from xffl_airflow.federation.report import campaign_rows, render_table, write_report
+from xffl_tasks.manifest import write_manifest
+
+
+def manifest(round_number, losses):
+    return {
+        "campaign": "demo",
+        "round": round_number,
+        "facilities": {
+            name: {
+                "status": "ok",
+                "job": {"job_id": str(10 + round_number), "queue_wait_s": 0.5, "run_s": 20.0},
+                "push": {"seconds": 0.25},
+                "pull": {"seconds": 0.5},
+                "metrics": {"val_loss_before": before, "val_loss_after": before - 1, "num_samples": 100},
+            }
+            for name, before in losses.items()
+        },
+        "aggregation": {"seconds": 1.5, "global_update_norm": 0.1},
+        "weighted_val_loss": sum(losses.values()) / len(losses),
+        "weighted_val_loss_after": sum(losses.values()) / len(losses) - 1,
+        "decision": {"stop": round_number == 1},
+    }
+
+
+def test_rows_table_and_plot(tmp_path):
+    campaign = tmp_path / "demo"
+    previous = None
+    for number, losses in enumerate([{"italy": 6.0, "czechia": 7.0}, {"italy": 4.0, "czechia": 5.0}]):
+        folder = campaign / f"round-{number:04d}"
+        folder.mkdir(parents=True)
+        previous = write_manifest(folder, manifest(number, losses), previous)
+    from xffl_airflow.federation.report import load_manifests
+
+    rows = campaign_rows(load_manifests(campaign))
+    assert [(r["round"], r["facility"]) for r in rows] == [
+        (0, "czechia"), (0, "italy"), (0, "(global)"), (1, "czechia"), (1, "italy"), (1, "(global)")
+    ]
+    assert rows[2]["loss_before"] == 6.5 and rows[5]["status"] == "stop" and rows[5]["samples"] == 200
+    table = render_table(rows)
+    assert "loss before" in table.splitlines()[0]
+    assert "4.0000" in table and "(global)" in table
+    text, txt, png = write_report(campaign)
+    assert text == table and txt.read_text().strip() == table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
