@@ -121,6 +121,7 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, (losses, times) = plt.subplots(1, 2, figsize=(11, 4.2))
     names = sorted({r["facility"] for r in rows})
@@ -148,6 +149,8 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
         bottom = [b + h for b, h in zip(bottom, heights)]
     aggregation = [next((r["pull_s"] or 0.0 for r in rows if r["round"] == rnd and r["facility"] == "(global)"), 0.0) for rnd in rounds]
     times.bar(rounds, aggregation, bottom=bottom, label="aggregation")
+    for axis in (losses, times):
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     times.set_xlabel("round")
     times.set_ylabel("seconds")
     times.legend(fontsize=8)
