@@ -132,6 +132,7 @@ class Testbed:
         run_dir: str | Path | None = None,
         min_job_age: int = 300,
         python: str | None = None,
+        node_cpus: int | None = None,
     ) -> Testbed:
         if run_dir is None:
             # Under /tmp, not pytest's private tmp: the facility users must reach their homes.
@@ -141,6 +142,8 @@ class Testbed:
             args += ["--names", ",".join(names)]
         if python:
             args += ["--python", python]
+        if node_cpus:
+            args += ["--node-cpus", str(node_cpus)]
         _run_script("up", *args)
         return cls(run_dir)
 

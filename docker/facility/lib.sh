@@ -129,6 +129,7 @@ SchedulerParameters=batch_sched_delay=0
 SlurmctldTimeout=30
 SlurmdTimeout=60
 MailProg=/bin/true
+$( [ "$NODE_CPUS" -gt "$(nproc)" ] && echo "SlurmdParameters=config_overrides" )
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$NODE_CPUS State=UNKNOWN
 PartitionName=$PARTITION Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
