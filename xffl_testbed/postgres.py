@@ -245,7 +245,8 @@ class PostgresServer:
 
     def _run(self, argv: list[str], *, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=self.root, **self._as_account()
+            argv, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=self.root, check=False,
+            **self._as_account(),
         )
         if result.returncode != 0:
             raise PostgresError(
@@ -283,6 +284,7 @@ class PostgresServer:
                 [str(self.bin_dir / "pg_isready"), "-q", "-h", self.host, "-p", str(self.port)],
                 capture_output=True,
                 timeout=10,
+                check=False,
             )
             if ready.returncode == 0:
                 return
