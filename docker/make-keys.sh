@@ -11,8 +11,8 @@
 #                       backend URLs, the Fernet key and the API's JWT secret
 #   DIR/postgres.env    the PostgreSQL container's user, password and database
 #   DIR/passwords.json  the UI login (user admin) of Airflow's simple auth manager
-#   .env (beside this script)  AIRFLOW_UID, so that the Airflow containers run as you and can
-#                       read the files above (written 0600)
+#   DIR/../.env         AIRFLOW_UID, so that the Airflow containers run as you and can read
+#                       the files above (written 0600); compose reads .env beside compose.yaml
 # NAME defaults to the facilities of compose.yaml: site1 site2. DIR defaults to keys/ beside
 # this script. Refuses to overwrite existing keys unless --force (the connections pin them).
 set -euo pipefail
@@ -91,8 +91,9 @@ done
 for file in postgres.env passwords.json airflow.env; do
     mv "$tmp/$file" "$out/$file"
 done
-printf 'AIRFLOW_UID=%s\n' "$(id -u)" >"$here/.env.tmp"
-mv "$here/.env.tmp" "$here/.env"
+project=$(cd "$out/.." && pwd)
+printf 'AIRFLOW_UID=%s\n' "$(id -u)" >"$project/.env.tmp"
+mv "$project/.env.tmp" "$project/.env"
 echo "make-keys: wrote $out (facilities: ${names[*]}; UI login $UI_USER, password in $out/passwords.json)"
 for name in "${names[@]}"; do
     echo "  $name host key: $(ssh-keygen -l -f "$out/$name/ssh_host_ed25519_key.pub")"

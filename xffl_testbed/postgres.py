@@ -92,7 +92,9 @@ class PostgresServer:
     ):
         for field, value in (("database", database), ("role", role)):
             if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value):
-                raise ValueError(f"PostgreSQL {field} name must match [a-z_][a-z0-9_]{{0,62}}, got {value!r}")
+                raise ValueError(
+                    f"PostgreSQL {field} name must match [a-z_][a-z0-9_]{{0,62}}, got {value!r}"
+                )
         self.bin_dir = find_bin_dir()
         self._owns_root = root is None
         self.root = Path(root or tempfile.mkdtemp(prefix="xffl-postgres.", dir="/tmp")).resolve()
@@ -106,13 +108,19 @@ class PostgresServer:
         self.password = secrets.token_hex(16)
         self.process: subprocess.Popen | None = None
         # PostgreSQL refuses root: as root, run it as the Debian `postgres` system user.
-        self._account = pwd.getpwnam(SYSTEM_USER) if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+        self._account = (
+            pwd.getpwnam(SYSTEM_USER) if os.geteuid() == 0 else pwd.getpwuid(os.geteuid())
+        )
 
     @property
     def url(self) -> str:
         """The SQLAlchemy URL of the Airflow database (``postgresql+psycopg2://...``)."""
         return sqlalchemy_url(
-            user=self.role, password=self.password, host=self.host, port=self.port, database=self.database
+            user=self.role,
+            password=self.password,
+            host=self.host,
+            port=self.port,
+            database=self.database,
         )
 
     @property
@@ -243,9 +251,17 @@ class PostgresServer:
         if os.geteuid() == 0:
             os.chown(path, self._account.pw_uid, self._account.pw_gid)
 
-    def _run(self, argv: list[str], *, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    def _run(
+        self, argv: list[str], *, stdin: str | None = None, timeout: float = 120
+    ) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            argv, input=stdin, capture_output=True, text=True, timeout=timeout, cwd=self.root, check=False,
+            argv,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.root,
+            check=False,
             **self._as_account(),
         )
         if result.returncode != 0:
@@ -289,7 +305,9 @@ class PostgresServer:
             if ready.returncode == 0:
                 return
             time.sleep(0.2)
-        raise PostgresError(f"PostgreSQL not ready on {self.host}:{self.port} after {timeout:.0f} s:\n{self._log_tail()}")
+        raise PostgresError(
+            f"PostgreSQL not ready on {self.host}:{self.port} after {timeout:.0f} s:\n{self._log_tail()}"
+        )
 
     def _create_airflow_database(self) -> None:
         # psql variables quote the password (:'password') and the names (:"role").

@@ -102,7 +102,9 @@ def test_find_bin_dir_names_what_to_install(tmp_path):
 
 
 def test_sqlalchemy_url_quotes_user_and_password():
-    url = sqlalchemy_url(user="air flow", password="p@ss:w/rd", host="127.0.0.1", port=5433, database="airflow")
+    url = sqlalchemy_url(
+        user="air flow", password="p@ss:w/rd", host="127.0.0.1", port=5433, database="airflow"
+    )
     assert url == "postgresql+psycopg2://air%20flow:p%40ss%3Aw%2Frd@127.0.0.1:5433/airflow"
 
 
@@ -131,7 +133,9 @@ def test_stop_leaves_nothing_running_and_start_keeps_the_data():
         assert owner == {pwd.getpwnam("postgres").pw_uid if os.geteuid() == 0 else os.geteuid()}
         conn = psycopg2.connect(pg.url.replace("postgresql+psycopg2", "postgresql"))
         with conn, conn.cursor() as cur:
-            cur.execute("CREATE TABLE kept (value text); INSERT INTO kept VALUES ('before the stop')")
+            cur.execute(
+                "CREATE TABLE kept (value text); INSERT INTO kept VALUES ('before the stop')"
+            )
         # The postmaster, its helpers and the backend serving our connection.
         running = pg.descendants()
         assert len(running) >= 3, running
@@ -187,7 +191,9 @@ def airflow_on_postgres(postgres, testbed, tmp_path_factory):
 @pytest.mark.postgres
 @pytest.mark.airflow_live
 @pytest.mark.slurm
-def test_airflow_migrates_and_runs_the_smoke_dag_on_postgres(airflow_on_postgres, postgres, testbed):
+def test_airflow_migrates_and_runs_the_smoke_dag_on_postgres(
+    airflow_on_postgres, postgres, testbed
+):
     airflow = airflow_on_postgres
     assert airflow.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://")
     # `airflow db migrate` made Airflow's tables in PostgreSQL, owned by the Airflow role.
@@ -205,10 +211,13 @@ def test_airflow_migrates_and_runs_the_smoke_dag_on_postgres(airflow_on_postgres
     assert states == {"wait": "success", "whoami": "success"}
     # The run is in PostgreSQL, not in some SQLite file.
     stored = postgres.psql(
-        f"SELECT state FROM dag_run WHERE dag_id = 'xffl_smoke' AND run_id = '{run_id}'", database=postgres.database
+        f"SELECT state FROM dag_run WHERE dag_id = 'xffl_smoke' AND run_id = '{run_id}'",
+        database=postgres.database,
     )
     assert stored.strip() == "success"
-    xcom = airflow.api("GET", f"dags/xffl_smoke/dagRuns/{run_id}/taskInstances/whoami/xcomEntries/return_value")
+    xcom = airflow.api(
+        "GET", f"dags/xffl_smoke/dagRuns/{run_id}/taskInstances/whoami/xcomEntries/return_value"
+    )
     assert testbed.facility("site1").user in str(xcom["value"])
 
 
@@ -260,7 +269,12 @@ def test_a_task_fails_while_postgres_is_down_and_its_retry_completes(airflow_on_
     logs = airflow.home / "logs" / f"dag_id={OUTAGE_DAG_ID}"
     first_try_log = wait_for(
         lambda: next(
-            (p for p in logs.glob("run_id=*/task_id=record/attempt=1.log") if "Task failed" in p.read_text()), None
+            (
+                p
+                for p in logs.glob("run_id=*/task_id=record/attempt=1.log")
+                if "Task failed" in p.read_text()
+            ),
+            None,
         ),
         timeout=180,
         what="the first try failing",
