@@ -23,10 +23,11 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 from urllib.parse import quote
 
 from xffl_testbed.airflow_instance import free_port
-from xffl_testbed.processes import alive, terminate, with_descendants
+from xffl_testbed.processes import terminate, with_descendants
 
 POSTGRES_ROOT = Path("/usr/lib/postgresql")
 SYSTEM_USER = "postgres"
@@ -134,7 +135,7 @@ class PostgresServer:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def start(self, *, timeout: float = 60) -> PostgresServer:
+    def start(self, *, timeout: float = 60) -> Self:
         """Starts the server (``initdb`` and the Airflow role and database on the first start)."""
         if self.running:
             raise PostgresError(f"PostgreSQL in {self.root} already runs (PID {self.process.pid})")
@@ -143,8 +144,7 @@ class PostgresServer:
             self._initdb()
         self.socket_dir.mkdir(exist_ok=True)
         self._chown(self.socket_dir)
-        log = open(self.log_file, "ab")
-        try:
+        with open(self.log_file, "ab") as log:  # the server keeps its own copy of the descriptor
             self.process = subprocess.Popen(
                 [
                     str(self.bin_dir / "postgres"),
@@ -153,7 +153,7 @@ class PostgresServer:
                     "-p", str(self.port),
                     "-k", str(self.socket_dir),
                     "-c", "max_connections=200",
-                    "-c", "fsync=off",
+                    "-c", "fsync=off",  # a test database: a crash may lose it, a stop does not
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -162,8 +162,6 @@ class PostgresServer:
                 start_new_session=True,
                 **self._as_account(),
             )  # fmt: skip
-        finally:
-            log.close()
         self._wait_until_ready(timeout)
         if first_start:
             self._create_airflow_database()
@@ -194,7 +192,7 @@ class PostgresServer:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> PostgresServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -326,8 +324,3 @@ class PostgresServer:
     def descendants(self) -> set[int]:
         """The postmaster and every process below it (backends, checkpointer, walwriter...)."""
         return with_descendants([self.process.pid]) if self.running else set()
-
-    def leftovers(self) -> set[int]:
-        """Processes that still run from this server's data directory (should be none after stop)."""
-        pid = postmaster_pid(self.data_dir)
-        return {pid} if pid is not None and alive(pid) else set()

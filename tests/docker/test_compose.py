@@ -14,7 +14,6 @@ daemon.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -82,9 +81,14 @@ def test_the_image_ships_the_federation_dag():
     assert dockerfile.copied.get("/opt/airflow/dags") == "dags/"
     if not FEDERATION_DAG.exists():
         pytest.skip("dags/xffl_federation.py (issue 7) is not in this checkout yet")
-    text = FEDERATION_DAG.read_text()
-    assert re.search(r"""dag_id\s*=\s*["']xffl_federation["']""", text)
-    assert "XFFL_FEDERATION_CONFIG" in text or "federation" in text
+    assert "xffl_federation" in FEDERATION_DAG.read_text()
+    # compose.yaml names the config through XFFL_FEDERATION_CONFIG: the DAG side must read it.
+    readers = [
+        path
+        for path in [*(REPO / "dags").rglob("*.py"), *(REPO / "plugins").rglob("*.py")]
+        if "XFFL_FEDERATION_CONFIG" in path.read_text(errors="replace")
+    ]
+    assert readers, "nothing under dags/ or plugins/ reads XFFL_FEDERATION_CONFIG"
 
 
 def test_make_keys_writes_what_the_connections_pin(docker_copy):
@@ -115,7 +119,7 @@ def test_no_key_material_is_committed():
     assert not [f for f in tracked.split() if f.startswith("docker/keys/") or f == "docker/.env"]
     for name in tracked.split():
         text = (REPO / name).read_text(errors="replace")
-        assert "PRIVATE KEY-----" not in text.replace("BEGIN OPENSSH PRIVATE KEY-----\\n", ""), name
+        assert "PRIVATE KEY-----" not in text, name
 
 
 @pytest.mark.parametrize(
