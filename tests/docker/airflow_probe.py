@@ -1,0 +1,59 @@
+"""Asks the installed Airflow whether ``airflow`` commands and ``AIRFLOW__SECTION__KEY`` options
+exist: in a subprocess of this Python, with the CeleryExecutor configured (so that the
+``airflow celery`` commands load) and a throw-away AIRFLOW_HOME."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+_AIRFLOW_PROBE = r"""
+import json, sys
+wanted = json.load(sys.stdin)
+from airflow.configuration import conf
+from airflow.cli.cli_parser import get_parser
+problems = []
+described = conf.configuration_description
+for name in wanted["options"]:
+    parts = name.split("__")
+    if len(parts) != 3:
+        problems.append(f"{name} is not AIRFLOW__SECTION__KEY")
+        continue
+    section, option = parts[1].lower(), parts[2].lower()
+    if option not in described.get(section, {}).get("options", {}):
+        problems.append(f"{name}: Airflow has no option [{section}] {option}")
+parser = get_parser()
+for service, argv in wanted["commands"]:
+    try:
+        parser.parse_args(argv)
+    except SystemExit:
+        problems.append(f"service {service}: `airflow {' '.join(argv)}` is not a valid Airflow command")
+print(json.dumps(problems))
+"""
+
+
+def airflow_problems(commands: list[tuple[str, list[str]]], options: list[str]) -> list[str]:
+    """Asks the installed Airflow (with the CeleryExecutor configured) about commands and options."""
+    with tempfile.TemporaryDirectory(prefix="xffl-compose-check.") as home:
+        env = {
+            **os.environ,
+            "AIRFLOW_HOME": home,
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        }
+        result = subprocess.run(
+            [sys.executable, "-c", _AIRFLOW_PROBE],
+            input=json.dumps({"commands": commands, "options": options}),
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+    if result.returncode != 0:
+        return [f"could not ask Airflow about commands and options:\n{result.stderr[-3000:]}"]
+    return json.loads(result.stdout.strip().splitlines()[-1])

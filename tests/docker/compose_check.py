@@ -1,0 +1,280 @@
+"""The compose consistency checker: does ``docker/`` agree with the repository and the native
+set-up that the tests run?
+
+``check_deployment(docker_dir)`` reads ``compose.yaml``, the Dockerfiles, the facility scripts,
+the files ``make-keys.sh`` wrote under ``keys/`` and ``config/federation.yaml`` in one folder,
+and the Makefile beside it, and returns every disagreement as a sentence that names the file
+and the thing (an empty list when all agree). It works on any copy of the folder, so a test can
+break a copy and watch the checker name what broke. With ``airflow=True`` it also asks the
+installed Airflow whether every ``airflow`` command is valid and every ``AIRFLOW__SECTION__KEY``
+is a real option (in a subprocess, with the CeleryExecutor configured).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from tests.docker.airflow_probe import airflow_problems
+from tests.docker.deployment_files import (
+    Dockerfile,
+    Findings,
+    as_dict,
+    makefile_locks,
+    parse_dockerfile,
+    pip_installs,
+    read_env_file,
+    service_argv,
+)
+from tests.docker.facility_check import (
+    FACILITY_DOCKERFILE,
+    check_facilities,
+    check_facility_scripts,
+)
+from tests.docker.federation_check import check_federation
+
+AIRFLOW_DOCKERFILE = "docker/airflow/Dockerfile"
+
+
+def check_deployment(docker_dir: str | Path, *, airflow: bool = True) -> list[str]:
+    """Every disagreement between ``docker_dir`` (compose file, Dockerfiles, scripts, generated
+    keys, federation config) and the repository around it; ``[]`` when everything agrees."""
+    c = Findings(Path(docker_dir).absolute())
+    compose_path = c.docker / "compose.yaml"
+    if not compose_path.exists():
+        return [f"docker/compose.yaml: missing in {c.docker}"]
+    compose = yaml.safe_load(compose_path.read_text())
+    services: dict = compose.get("services") or {}
+    named_volumes = set((compose.get("volumes") or {}).keys())
+
+    dockerfiles: dict[str, Dockerfile] = {}
+    for name, service in services.items():
+        where = f"docker/compose.yaml service {name}"
+        build = service.get("build")
+        if build:
+            context = (c.docker / build.get("context", ".")).resolve()
+            if not context.is_dir():
+                c.problem(where, f"build context {build.get('context')} does not exist")
+                continue
+            dockerfile_path = context / build.get("dockerfile", "Dockerfile")
+            rel = c.rel(dockerfile_path)
+            if not dockerfile_path.exists():
+                c.problem(where, f"Dockerfile {rel} does not exist")
+            elif rel not in dockerfiles:
+                dockerfiles[rel] = parse_dockerfile(dockerfile_path.read_text(), rel)
+                _check_dockerfile(c, dockerfiles[rel], context)
+        for entry in service.get("env_file") or []:
+            path = entry["path"] if isinstance(entry, dict) else entry
+            if not (c.docker / path).exists():
+                c.problem(
+                    where,
+                    f"env file docker/{path} does not exist (docker/make-keys.sh writes keys/)",
+                )
+        for volume in service.get("volumes") or []:
+            source = (
+                volume.split(":", 1)[0] if isinstance(volume, str) else volume.get("source", "")
+            )
+            if source.startswith((".", "/")):
+                if not (c.docker / source).exists():
+                    c.problem(where, f"bind mount source {c.rel(c.docker / source)} does not exist")
+            elif source not in named_volumes:
+                c.problem(where, f"volume {source} is not declared under volumes:")
+        for dependency in service.get("depends_on") or {}:
+            if dependency not in services:
+                c.problem(where, f"depends_on names no service: {dependency}")
+
+    airflow_services = {
+        n: s
+        for n, s in services.items()
+        if (s.get("build") or {}).get("dockerfile") == AIRFLOW_DOCKERFILE
+    }
+    facility_services = {
+        n: s
+        for n, s in services.items()
+        if (s.get("build") or {}).get("dockerfile") == FACILITY_DOCKERFILE
+    }
+    if not airflow_services:
+        c.problem("docker/compose.yaml", f"no service is built from {AIRFLOW_DOCKERFILE}")
+    if not facility_services:
+        c.problem("docker/compose.yaml", f"no service is built from {FACILITY_DOCKERFILE}")
+
+    _check_locks(c, dockerfiles)
+    check_facility_scripts(c, dockerfiles.get(FACILITY_DOCKERFILE))
+    env_files = {}
+    for path in ("keys/airflow.env", "keys/postgres.env"):
+        if (c.docker / path).exists():
+            env_files[path] = read_env_file(c.docker / path)
+    airflow_env = {}
+    for service in airflow_services.values():
+        for entry in service.get("env_file") or []:
+            airflow_env.update(
+                env_files.get(entry if isinstance(entry, str) else entry["path"], {})
+            )
+        airflow_env.update(as_dict(service.get("environment")))
+    check_facilities(
+        c, facility_services, dockerfiles.get(FACILITY_DOCKERFILE), airflow_env, services
+    )
+    _check_airflow_services(
+        c, airflow_services, services, dockerfiles.get(AIRFLOW_DOCKERFILE), airflow_env, env_files
+    )
+    check_federation(
+        c, airflow_services, facility_services, airflow_env, dockerfiles.get(FACILITY_DOCKERFILE)
+    )
+
+    if airflow:
+        commands = []
+        for name, service in services.items():
+            for argv in (
+                service_argv(service.get("command")),
+                service_argv((service.get("healthcheck") or {}).get("test")),
+            ):
+                argv = argv[1:] if argv[:1] in (["CMD"], ["CMD-SHELL"]) else argv
+                if argv[:1] == ["airflow"]:
+                    commands.append((name, argv[1:]))
+        options = sorted(k for k in airflow_env if k.startswith("AIRFLOW__"))
+        for problem in airflow_problems(commands, options):
+            c.problem("docker/compose.yaml", problem)
+    return c.problems
+
+
+def _check_dockerfile(c: Findings, dockerfile: Dockerfile, context: Path) -> None:
+    ignore = context / (dockerfile.path + ".dockerignore")
+    allowed = None
+    if ignore.exists():
+        lines = [
+            l.strip()
+            for l in ignore.read_text().splitlines()
+            if l.strip() and not l.startswith("#")
+        ]
+        if "*" in lines:
+            allowed = [l[1:].rstrip("/") for l in lines if l.startswith("!")]
+    for source in dockerfile.copied.values():
+        if not (context / source).exists():
+            c.problem(dockerfile.path, f"COPY source {source} does not exist")
+        elif allowed is not None and not any(
+            source.rstrip("/") == a or source.startswith(a + "/") for a in allowed
+        ):
+            c.problem(dockerfile.path, f"COPY source {source} is excluded by {c.rel(ignore)}")
+    for run in dockerfile.runs():
+        for script in re.findall(r"(/opt/\S+\.sh)\b", run):
+            if script not in dockerfile.copied:
+                c.problem(dockerfile.path, f"RUN calls {script}, which no COPY puts there")
+    if dockerfile.entrypoint and dockerfile.entrypoint[0] not in dockerfile.copied:
+        c.problem(
+            dockerfile.path, f"ENTRYPOINT {dockerfile.entrypoint[0]} is not copied into the image"
+        )
+
+
+def _check_locks(c: Findings, dockerfiles: dict[str, Dockerfile]) -> None:
+    makefile = c.repo / "Makefile"
+    if not makefile.exists():
+        c.problem("Makefile", "missing: cannot compare the lock files")
+        return
+    locks = makefile_locks(makefile.read_text())
+    for path, var in ((AIRFLOW_DOCKERFILE, "VENV"), (FACILITY_DOCKERFILE, "FACILITY_VENV")):
+        dockerfile = dockerfiles.get(path)
+        if dockerfile is None or var not in locks:
+            c.problem(
+                path,
+                f"cannot compare with the Makefile's $({var}) install (one of them is missing)",
+            )
+            continue
+        installs = pip_installs(dockerfile)
+        lock_installs = [i for i in installs if "-r " in i]
+        if not any(f"-r {locks[var]}" in i for i in lock_installs):
+            c.problem(
+                path,
+                f"does not pip install -r {locks[var]} as the Makefile's $({var}) does (found {lock_installs})",
+            )
+        if not any(locks[var] == source for source in dockerfile.copied.values()):
+            c.problem(path, f"does not COPY {locks[var]}")
+        package = [i for i in installs if "-r " not in i]
+        if not package or not all("--no-deps" in i for i in package):
+            c.problem(
+                path,
+                f"installs the package without --no-deps (the Makefile installs it after {locks[var]}, --no-deps)",
+            )
+
+
+def _check_airflow_services(
+    c, airflow_services, services, dockerfile, airflow_env, env_files
+) -> None:
+    from xffl_testbed.airflow_instance import LATENCY_SETTINGS
+
+    for key, value in LATENCY_SETTINGS.items():
+        if airflow_env.get(key) != value:
+            c.problem(
+                "docker/compose.yaml",
+                f"{key} is {airflow_env.get(key)!r}, the test bed's LATENCY_SETTINGS say {value!r}",
+            )
+    commands = {n: service_argv(s.get("command")) for n, s in airflow_services.items()}
+    wanted = {
+        ("db", "migrate"),
+        ("api-server",),
+        ("scheduler",),
+        ("dag-processor",),
+        ("triggerer",),
+        ("celery", "worker"),
+    }
+    for command in wanted:
+        if not any(tuple(argv[1 : 1 + len(command)]) == command for argv in commands.values()):
+            c.problem(
+                "docker/compose.yaml", f"no Airflow service runs `airflow {' '.join(command)}`"
+            )
+    api = [(n, argv) for n, argv in commands.items() if argv[1:2] == ["api-server"]]
+    if api:
+        name, argv = api[0]
+        port = argv[argv.index("--port") + 1] if "--port" in argv else "8080"
+        where = f"docker/compose.yaml service {name}"
+        if airflow_env.get("AIRFLOW__API__PORT", port) != port:
+            c.problem(
+                where,
+                f"AIRFLOW__API__PORT {airflow_env.get('AIRFLOW__API__PORT')} differs from --port {port}",
+            )
+        url = urlsplit(airflow_env.get("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", ""))
+        if url.hostname != name or str(url.port) != port or url.path != "/execution/":
+            c.problem(
+                where,
+                f"AIRFLOW__CORE__EXECUTION_API_SERVER_URL does not point at http://{name}:{port}/execution/",
+            )
+        if not any(str(p).split(":")[-1] == port for p in services[name].get("ports") or []):
+            c.problem(where, f"does not publish its port {port}")
+        health = " ".join(service_argv((services[name].get("healthcheck") or {}).get("test")))
+        if f":{port}/" not in health:
+            c.problem(where, f"healthcheck does not ask port {port}")
+        if dockerfile and port not in dockerfile.expose:
+            c.problem(AIRFLOW_DOCKERFILE, f"does not EXPOSE the api-server port {port}")
+    if airflow_env.get("AIRFLOW__CORE__EXECUTOR") != "CeleryExecutor":
+        c.problem("docker/compose.yaml", "AIRFLOW__CORE__EXECUTOR is not CeleryExecutor")
+    broker = urlsplit(airflow_env.get("AIRFLOW__CELERY__BROKER_URL", ""))
+    if broker.hostname not in services or str(broker.port) not in [
+        str(p) for p in services.get(broker.hostname, {}).get("expose") or []
+    ]:
+        c.problem(
+            "docker/compose.yaml",
+            f"AIRFLOW__CELERY__BROKER_URL names no service exposing {broker.hostname}:{broker.port}",
+        )
+    postgres = env_files.get("keys/postgres.env")
+    for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__RESULT_BACKEND"):
+        url = urlsplit(airflow_env.get(key, ""))
+        if (
+            not url.scheme.endswith(("postgresql+psycopg2", "postgresql"))
+            or url.hostname not in services
+            or url.port != 5432
+        ):
+            c.problem(
+                "docker/keys/airflow.env",
+                f"{key} does not point at the PostgreSQL service on port 5432",
+            )
+        elif postgres and (url.username, url.password, url.path.lstrip("/")) != (
+            postgres.get("POSTGRES_USER"),
+            postgres.get("POSTGRES_PASSWORD"),
+            postgres.get("POSTGRES_DB"),
+        ):
+            c.problem(
+                "docker/keys/airflow.env",
+                f"{key} disagrees with docker/keys/postgres.env (user, password, database)",
+            )
