@@ -19,6 +19,7 @@ FACILITY_VENV ?= $(shell if runuser -u nobody -- test -r "$(CURDIR)/pyproject.to
 # bookworm), which the facility users can run; a Python under /root would be out of their reach.
 FACILITY_BASE_PYTHON ?= /usr/bin/python3
 PYTEST_ARGS ?=
+KEEP ?=
 # Packages the local facilities (and the PostgreSQL tests) need from Debian.
 SYSTEM_PACKAGES_STAMP := $(VENV)/.system-packages
 export XFFL_FACILITY_PYTHON := $(FACILITY_VENV)/bin/python
@@ -62,8 +63,9 @@ $(FACILITY_VENV)/.installed: requirements-facility.lock pyproject.toml $(XFFL_TA
 	@chmod -R a+rX $(FACILITY_VENV)
 	@touch $@
 
+# KEEP=1 keeps Airflow and the facilities running after the campaign, for a look in the UI.
 demo: setup
-	$(VENV)/bin/python -m xffl_testbed.demo
+	XFFL_DEMO_KEEP=$(KEEP) $(VENV)/bin/python -m xffl_testbed.demo
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,154 @@
+"""Round overhead of the federation DAG against Airflow's own floor, in one run.
+
+    python benchmarks/round_overhead.py --facilities 2,8 --json
+
+For each facility count it starts a fresh Airflow (SQLite, LocalExecutor, the latency
+settings the demo ships) beside one local Slurm facility that every facility entry shares,
+and runs, in the same instance:
+
+- ours: rounds of the real federation DAG (push the tiny model over SFTP, a Slurm job whose
+  training command sleeps 1 s and hands the model back with its metrics, pull, aggregate,
+  manifest, report, self-trigger);
+- the floor: the same DAG shape with no-op tasks and a 1 s deferral (round_floor_dag.py).
+
+Round wall time is the DAG run's end minus its start; overhead is that minus the 1 s of
+"training". It prints one JSON line per facility count with the median over the rounds after
+the first (the first pays one-off costs such as DAG parsing by the workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "plugins")]
+
+from xffl_testbed.airflow_instance import AirflowInstance  # noqa: E402
+from xffl_testbed.campaign import (  # noqa: E402
+    LocalFacility,
+    install_federation_dag,
+    make_tiny,
+    wait_for_campaign,
+    write_config,
+)
+from xffl_testbed.facilities import Testbed  # noqa: E402
+
+SLEEP_COMMAND = (
+    "sleep 1 && rm -rf {out}.part && mkdir -p {out}.part && cp {model}/* {out}.part/ && "
+    "printf '%s' '{{\"num_samples\": 1, \"num_tokens\": 1, \"val_loss_before\": 1.0, \"val_loss_after\": 1.0}}' "
+    "> {out}.part/metrics.json && mv {out}.part {out}"
+)
+
+
+def run_seconds(run: dict) -> float:
+    start = datetime.fromisoformat(run["start_date"])
+    end = datetime.fromisoformat(run["end_date"])
+    return (end - start).total_seconds()
+
+
+def median_overhead(runs: list[dict]) -> tuple[float, list[float]]:
+    walls = [run_seconds(r) for r in sorted(runs, key=lambda r: r["start_date"])]
+    measured = walls[1:] if len(walls) > 1 else walls
+    return statistics.median(measured) - 1.0, walls
+
+
+def bench(count: int, rounds: int, work: Path, python: str, facility) -> dict:
+    tiny = make_tiny(work / "tiny")
+    storage = work / f"campaigns-{count}"
+    entries = [
+        LocalFacility(facility=facility, data="/nonexistent", name=f"f{i}", workdir=f"{facility.workdir}/f{i}")
+        for i in range(count)
+    ]
+    for entry in entries:
+        Path(entry.workdir).mkdir(parents=True, exist_ok=True)
+        shutil.chown(entry.workdir, facility.user, facility.user)
+    config = write_config(
+        work / f"bench-{count}.yaml",
+        campaign=f"bench{count}",
+        storage=storage,
+        base_model=tiny / "model",
+        facilities=entries,
+        python=python,
+        training={"command": SLEEP_COMMAND},
+        convergence={"max_rounds": rounds},
+        retry={"retries": 1, "retry_delay_s": 1, "max_retry_delay_s": 5, "train_timeout_h": 1},
+    )
+    dags = work / f"dags-{count}"
+    dags.mkdir()
+    install_federation_dag(dags, config, name=f"bench{count}")
+    floor = (REPO / "benchmarks" / "round_floor_dag.py").read_text()
+    floor = floor.replace("FACILITIES = 2  #", f"FACILITIES = {count}  #").replace("ROUNDS = 3  #", f"ROUNDS = {rounds}  #")
+    (dags / f"round_floor_{count}.py").write_text(floor)
+    airflow = AirflowInstance(
+        work / f"airflow-{count}", dags_folder=dags, env=testbed_env, parallelism=max(8, 3 * count + 2)
+    )
+    try:
+        airflow.migrate()
+        airflow.start()
+        ours_id, floor_id = f"xffl_bench{count}", f"xffl_floor_{count}"
+        airflow.wait_for_dag(ours_id, timeout=300)
+        airflow.wait_for_dag(floor_id, timeout=300)
+        # the floor first, then ours, on the same warm instance
+        airflow.trigger(floor_id, run_id="floor__round-0", conf={"round": 0})
+        deadline = time.monotonic() + 900
+        while True:
+            floor_runs = [r for r in airflow.dag_runs(floor_id)]
+            done = [r for r in floor_runs if r["state"] in ("success", "failed")]
+            if len(done) >= rounds or any(r["state"] == "failed" for r in done):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"floor DAG did not finish {rounds} rounds")
+            time.sleep(1)
+        airflow.trigger(ours_id, run_id=f"xffl__bench{count}__round-0000", conf={"round": 0})
+        ours_runs = wait_for_campaign(airflow, ours_id, f"bench{count}", storage / f"bench{count}", timeout=1800)
+        failed = [r["dag_run_id"] for r in ours_runs + floor_runs if r["state"] != "success"]
+        if failed:
+            raise RuntimeError(f"runs failed: {failed}; logs under {airflow.home / 'logs'}")
+        ours, ours_walls = median_overhead(ours_runs)
+        floor_overhead, floor_walls = median_overhead(floor_runs)
+        return {
+            "facilities": count,
+            "rounds": rounds,
+            "ours_overhead_s": round(ours, 2),
+            "floor_overhead_s": round(floor_overhead, 2),
+            "ratio": round(ours / floor_overhead, 3) if floor_overhead > 0 else None,
+            "ours_round_wall_s": [round(w, 2) for w in ours_walls],
+            "floor_round_wall_s": [round(w, 2) for w in floor_walls],
+        }
+    finally:
+        airflow.stop()
+
+
+testbed_env: dict[str, str] = {}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--facilities", default="2,8", help="comma-separated facility counts")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per DAG (the first is not counted)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON lines")
+    args = parser.parse_args()
+    python = str(REPO / ".venv-facility" / "bin" / "python")
+    work = Path(tempfile.mkdtemp(prefix="xffl-bench-round."))
+    testbed = Testbed.up(1, names=["shared"], python=python, node_cpus=64)
+    try:
+        testbed_env.update(testbed.airflow_env())
+        for count in [int(c) for c in args.facilities.split(",")]:
+            result = bench(count, args.rounds, work, python, testbed.facilities[0])
+            print(json.dumps(result), flush=True)
+    finally:
+        testbed.down(purge=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Builds the federation DAG of one config file: one run is one round of one campaign.
+
+    prepare -> per facility [push -> train (Slurm, deferred) -> pull] -> aggregate -> finalize
+            -> continue? -> next round (TriggerDagRunOperator, run id from campaign and round)
+
+Wiring only: what the tasks do is in ``rounds.py``. Building reads and validates the config
+(no torch, no network), so a config that does not validate is an import error of the DAG file
+that names the file and the field, and no run can start.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from airflow.sdk import DAG, Param, TaskGroup, task
+from airflow.sdk.definitions.context import get_current_context
+
+from xffl_airflow.federation.config import load_config
+from xffl_airflow.federation.next_round import NextRoundTriggerOperator
+from xffl_airflow.operators.slurm import SlurmOperator
+
+DOC = """
+### xFFL federation, one round per run
+
+Config: `{config}`; facilities: {facilities}.
+
+Trigger with `campaign` and `round` (0 starts a campaign); the run of round N+1 is triggered by
+round N unless the campaign converged. Retries of a facility's push, train and pull are
+automatic; a facility that still fails is left out of the round if the quorum allows.
+"""
+
+
+def _record_failure(context) -> None:
+    from xffl_airflow.federation.rounds import record_failure
+
+    ti = context["ti"]
+    facility = ti.task_id.split(".", 1)[0]
+    plan = ti.xcom_pull(task_ids="prepare")
+    record_failure(plan, facility, ti.task_id, ti.try_number, context.get("exception"))
+
+
+def build_federation_dag(config_path: str) -> DAG:
+    config = load_config(config_path)
+    names = [f.name for f in config.facilities]
+    remote_retries = {
+        "retries": config.retry.retries,
+        "retry_delay": timedelta(seconds=config.retry.retry_delay_s),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(seconds=config.retry.max_retry_delay_s),
+        "on_failure_callback": _record_failure,
+    }
+    with DAG(
+        dag_id=f"xffl_{config.campaign.replace('-', '_')}",
+        description=config.description or f"xFFL federation {config.campaign}: one round per run",
+        schedule=config.schedule,
+        start_date=datetime(2024, 1, 1, tzinfo=timezone.utc),
+        catchup=False,
+        max_active_runs=1,
+        render_template_as_native_obj=True,
+        tags=["xffl", "federated-learning"],
+        params={
+            "config": Param(config_path, type="string", title="Federation config",
+                            description="YAML file of the federation (same facilities as this DAG)"),
+            "campaign": Param("", type="string", title="Campaign",
+                              description="Empty: the config's campaign (a scheduled run starts a new one)"),
+            "round": Param(0, type="integer", minimum=0, title="Round"),
+            "overrides": Param({}, type="object", title="Overrides",
+                               description='Merged into the config, e.g. {"training": {"max_steps": 10}}'),
+        },  # fmt: skip
+        doc_md=DOC.format(config=config_path, facilities=", ".join(names)),
+    ) as dag:
+
+        @task
+        def prepare() -> dict:
+            from xffl_airflow.federation.rounds import prepare_round
+
+            context = get_current_context()
+            params, dag_run = context["params"], context["dag_run"]
+            return prepare_round(
+                config_path=params["config"],
+                dag_id=dag.dag_id,
+                dag_facilities=names,
+                campaign=params["campaign"] or None,
+                round_number=params["round"],
+                overrides=params["overrides"],
+                run_type=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
+                logical_date=context.get("logical_date"),
+            )
+
+        plan = prepare()
+        pulls = []
+        for name in names:
+            with TaskGroup(group_id=name, tooltip=f"facility {name}: push, train, pull"):
+                plan_of = f"ti.xcom_pull(task_ids='prepare')['facilities']['{name}']"
+
+                @task(task_id="push", **remote_retries)
+                def push(plan: dict, facility: str = name) -> dict:
+                    from xffl_airflow.federation.rounds import push_global
+
+                    return push_global(plan, facility)
+
+                train = SlurmOperator(
+                    task_id="train",
+                    ssh_conn_id=config.facility(name).connection_id,
+                    command="{{ " + plan_of + "['command'] }}",
+                    sbatch="{{ " + plan_of + "['sbatch'] }}",
+                    remote_workdir="{{ " + plan_of + "['remote_jobs'] }}",
+                    timeout=timedelta(hours=config.retry.train_timeout_h),
+                    **remote_retries,
+                )
+
+                @task(task_id="pull", **remote_retries)
+                def pull(plan: dict, facility: str = name) -> dict:
+                    from xffl_airflow.federation.rounds import pull_local
+
+                    return pull_local(plan, facility)
+
+                pushed = push(plan)
+                pulled = pull(plan)
+                pushed >> train >> pulled
+                pulls.append(pulled)
+
+        @task(trigger_rule="all_done")
+        def aggregate() -> dict:
+            from xffl_airflow.federation.rounds import aggregate_round
+
+            ti = get_current_context()["ti"]
+            pulled = {n: ti.xcom_pull(task_ids=f"{n}.pull") for n in names}
+            return aggregate_round(ti.xcom_pull(task_ids="prepare"), pulled)
+
+        @task
+        def finalize(plan: dict, aggregated: dict) -> dict:
+            from xffl_airflow.federation.rounds import finalize_round
+
+            context = get_current_context()
+            ti = context["ti"]
+            return finalize_round(
+                plan,
+                pushed={n: ti.xcom_pull(task_ids=f"{n}.push") for n in names},
+                trained={n: ti.xcom_pull(task_ids=f"{n}.train") for n in names},
+                pulled={n: ti.xcom_pull(task_ids=f"{n}.pull") for n in names},
+                aggregated=aggregated,
+                run_id_value=context["run_id"],
+            )
+
+        @task.short_circuit
+        def continue_campaign(decision: dict) -> bool:
+            return not decision["stop"]
+
+        aggregated = aggregate()
+        pulls >> aggregated
+        decision = finalize(plan, aggregated)
+        next_round = NextRoundTriggerOperator(
+            task_id="next_round",
+            trigger_dag_id=dag.dag_id,
+            trigger_run_id="{{ ti.xcom_pull(task_ids='finalize')['next_run_id'] }}",
+            conf="{{ ti.xcom_pull(task_ids='finalize')['next_conf'] }}",
+            skip_when_already_exists=True,
+            retries=3,
+            retry_delay=timedelta(seconds=10),
+        )
+        continue_campaign(decision) >> next_round
+    return dag
+
