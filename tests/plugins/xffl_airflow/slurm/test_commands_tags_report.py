@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-
 from xffl_airflow.slurm import commands
 from xffl_airflow.slurm.commands import LogRead
 from xffl_airflow.slurm.errors import SlurmInputError

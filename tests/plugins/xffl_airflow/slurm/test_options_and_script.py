@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from xffl_airflow.slurm import SbatchOptions, SlurmInputError, command_text, render_batch_script
 
 GOLDEN = Path(__file__).parent / "golden" / "batch_script.sh"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-
 from xffl_airflow.slurm.errors import SlurmOutputError
 from xffl_airflow.slurm.parsing import (
     parse_sacct,

@@ -6,7 +6,6 @@ Pure functions only: nothing is started.
 from __future__ import annotations
 
 import pytest
-
 from xffl_airflow.slurm.states import (
     Phase,
     SlurmJob,
