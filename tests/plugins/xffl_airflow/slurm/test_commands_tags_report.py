@@ -18,7 +18,10 @@ from xffl_airflow.slurm.tags import TaskTag, default_job_name
 
 def sh_syntax_ok(script: str) -> bool:
     return (
-        subprocess.run(["sh", "-n"], input=script, text=True, capture_output=True).returncode == 0
+        subprocess.run(
+            ["sh", "-n"], check=False, input=script, text=True, capture_output=True
+        ).returncode
+        == 0
     )
 
 
