@@ -131,7 +131,12 @@ def parse_squeue(text: str) -> list[SlurmJob]:
                 end_time=_time(row["EndTime"]),
                 cluster=_value(row["Cluster"]),
                 name=_value(row["Name"]),
-                stdout=_value(row["STDOUT"]),
+                stdout=expand_output_path(
+                    _value(row["STDOUT"]),
+                    job_id=row["JobArrayID"].strip(),
+                    raw_id=_value(row["JobID"]),
+                    job_name=_value(row["Name"]),
+                ),
                 comment=_value(row["Comment"]),
                 source="squeue",
             )
@@ -202,7 +207,12 @@ def parse_scontrol(text: str) -> list[SlurmJob]:
                 cluster=_value(pairs.get("ClusterName") or pairs.get("Cluster")),
                 name=_value(pairs.get("JobName")),
                 comment=_value(pairs.get("Comment")),
-                stdout=_value(pairs.get("StdOut")),
+                stdout=expand_output_path(
+                    _value(pairs.get("StdOut")),
+                    job_id=job_id,
+                    raw_id=raw,
+                    job_name=_value(pairs.get("JobName")),
+                ),
                 source="scontrol",
             )
         )
@@ -220,6 +230,29 @@ def _key_values(line: str) -> dict[str, str]:
         end = matches[i + 1].start() if i + 1 < len(matches) else len(line)
         pairs[match.group(1)] = line[match.end() : end].strip()
     return pairs
+
+
+def expand_output_path(pattern: str | None, *, job_id: str, raw_id: str | None = None,
+                       job_name: str | None = None) -> str | None:  # fmt: skip
+    """The log file behind an ``--output`` pattern as squeue and scontrol print it: ``%j`` (the
+    raw job id), ``%x``, ``%A``, ``%a``, ``%%`` filled in; None when another pattern remains."""
+    if not pattern:
+        return None
+    master, _, task = job_id.partition("_")
+    master = master.partition("+")[0]
+    values = {"j": raw_id or master, "x": job_name, "A": master, "a": task or None, "%": "%"}
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern[i] == "%" and i + 1 < len(pattern):
+            value = values.get(pattern[i + 1])
+            if not value:
+                return None
+            out.append(value)
+            i += 2
+        else:
+            out.append(pattern[i])
+            i += 1
+    return "".join(out)
 
 
 def _time(text: str | None) -> str | None:

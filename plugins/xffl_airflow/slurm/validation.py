@@ -106,7 +106,10 @@ def check_path(value: object, field: str, *, patterns: bool = False) -> str:
 def check_comment(value: object, field: str = "comment") -> str:
     text = _text(value, field)
     if not COMMENT_RE.fullmatch(text):
-        raise SlurmInputError(field, f"{text!r} is not a safe job comment: use 1-1000 of A-Z a-z 0-9 _ . / @ + = , : ~ -")
+        raise SlurmInputError(
+            field,
+            f"{text!r} is not a safe job comment: use 1-1000 of A-Z a-z 0-9 _ . / @ + = , : ~ -",
+        )
     return text
 
 
