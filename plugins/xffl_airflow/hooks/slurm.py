@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import threading
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,11 @@ from xffl_airflow.slurm.states import SlurmJob, aggregate, belongs_to
 from xffl_airflow.ssh import FacilityConnectionError, SSHTarget, aget_target, connect, get_target
 
 T = TypeVar("T")
+
+# asyncssh logs every channel at INFO: five lines per poll in the task and triggerer logs.
+# Quieten it, unless the deployment set its level itself.
+if logging.getLogger("asyncssh").level == logging.NOTSET:
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 # Remote commands run, per connection id, in this process: what the polling benchmark counts.
 _COMMANDS: collections.Counter[str] = collections.Counter()
