@@ -48,6 +48,7 @@ BACKOFF_CAP = 60.0
 FATAL_AFTER = 3
 LINGER = 15.0  # an idle poller keeps its connection this long for the next watch
 MAX_LINE = 4000  # longer log lines are cut
+MAX_DRAIN_POLLS = 40  # after the job ended, read at most this many more log chunks (10 MiB)
 
 Connector = Callable[[str], Awaitable[SlurmClient]]
 
@@ -87,6 +88,7 @@ class Watch:
         self.phase: Phase | None = None
         self.final_job: SlurmJob | None = None
         self.drained = False  # the log was read to its end after the job ended
+        self.drain_polls = 0
         self.tail: collections.deque[str] = collections.deque(maxlen=max(tail_lines, 1))
         self._partial = b""
         self.done = False
@@ -117,7 +119,13 @@ class Watch:
                     self.drained = not self.follow_log or (chunk is not None and _at_eof(chunk))
         else:
             update.job = self.final_job
-            self.drained = self.drained or chunk is None or _at_eof(chunk)
+            self.drain_polls += 1
+            self.drained = (
+                self.drained
+                or chunk is None
+                or _at_eof(chunk)
+                or self.drain_polls >= MAX_DRAIN_POLLS
+            )
         update.log_offset = self.offset
         if self.final_job is not None and self.drained:
             update.final = True
