@@ -173,10 +173,12 @@ def test_node_failure_under_a_running_job(site1, request):
 
 
 def test_a_job_that_pends_before_it_runs(site1, request):
-    op = operator("pends", site1, "echo ran", sbatch={"extra": ["--begin=now+6"]}, poll_interval=2)
+    # a job holding the whole node first: ours waits for resources, then runs
+    site1.ssh(f"cd xffl && sbatch --exclusive --comment=xffl/{DAG_ID}/blocker --wrap 'sleep 6'")
+    op = operator("pends", site1, "echo ran", poll_interval=2)
     with capture_logs() as logs:
         report = run_task(op, context("pends", request))
-    assert report["state"] == "COMPLETED" and report["queue_wait_s"] >= 5
+    assert report["state"] == "COMPLETED" and report["queue_wait_s"] >= 3
     states = [line for line in logs.lines if line.startswith(f"Slurm job {report['job_id']} is ")]
     assert states[0].startswith(f"Slurm job {report['job_id']} is PENDING")
     assert states[-1].startswith(f"Slurm job {report['job_id']} is COMPLETED")
