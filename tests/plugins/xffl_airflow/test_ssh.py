@@ -7,7 +7,6 @@ import json
 from types import SimpleNamespace
 
 import pytest
-
 from xffl_airflow.ssh import (
     FacilityConnectionError,
     connect,
@@ -21,7 +20,12 @@ HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGweSu7R6TPYPF70Lko35SziDPAo/sJv
 
 def conn(**extra):
     return SimpleNamespace(
-        conn_id="facility_x", host="hpc.example.org", port=2222, login="alice", password=None, extra_dejson=extra
+        conn_id="facility_x",
+        host="hpc.example.org",
+        port=2222,
+        login="alice",
+        password=None,
+        extra_dejson=extra,
     )
 
 
@@ -33,7 +37,11 @@ def test_known_hosts_line_brackets_non_default_ports():
 def test_target_pins_the_host_key_from_the_extra():
     target = target_from_connection(conn(host_key=HOST_KEY, key_file="/k", conn_timeout=5))
     assert target.known_hosts == f"[hpc.example.org]:2222 {HOST_KEY}\n"
-    assert (target.key_file, target.connect_timeout, target.address) == ("/k", 5.0, "alice@hpc.example.org:2222")
+    assert (target.key_file, target.connect_timeout, target.address) == (
+        "/k",
+        5.0,
+        "alice@hpc.example.org:2222",
+    )
 
 
 @pytest.mark.parametrize("flag", ["no_host_key_check", "ignore_hostkey_verification"])
@@ -86,8 +94,14 @@ def test_connect_checks_the_pinned_host_key(testbed, monkeypatch):
 def test_unreachable_host_is_retryable(testbed):
     site1 = testbed.facilities[0]
     target = target_from_connection(
-        SimpleNamespace(conn_id="c", host="127.0.0.1", port=1, login="u", password=None,
-                        extra_dejson={"host_key": site1.host_key, "conn_timeout": 3})
+        SimpleNamespace(
+            conn_id="c",
+            host="127.0.0.1",
+            port=1,
+            login="u",
+            password=None,
+            extra_dejson={"host_key": site1.host_key, "conn_timeout": 3},
+        )
     )
     with pytest.raises(FacilityConnectionError, match="cannot reach") as caught:
         asyncio.run(connect(target))

@@ -1,0 +1,448 @@
+"""Talking to a facility's Slurm over SSH.
+
+``SlurmClient`` runs Slurm operations over one open asyncssh connection (the trigger's shared
+poller and the hook use it). ``SlurmHook`` is the Airflow hook: it looks the facility up by its
+SSH connection id (host key pinned, see ``xffl_airflow.ssh``), keeps one connection for its
+lifetime, and offers each operation both async (``a...``) and sync (for operators).
+
+Every command is built by ``xffl_airflow.slurm.commands`` from validated, quoted values.
+Remote commands are counted per connection id (``remote_command_count``), for benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from collections.abc import Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Self, TypeVar
+
+import asyncssh
+from airflow.sdk import BaseHook
+
+from xffl_airflow.slurm import commands, parsing
+from xffl_airflow.slurm.errors import SlurmOutputError
+from xffl_airflow.slurm.states import SlurmJob, aggregate, belongs_to
+from xffl_airflow.ssh import FacilityConnectionError, SSHTarget, aget_target, connect, get_target
+
+T = TypeVar("T")
+
+# asyncssh logs every channel at INFO: five lines per poll in the task and triggerer logs.
+# Quieten it, unless the deployment set its level itself.
+if logging.getLogger("asyncssh").level == logging.NOTSET:
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
+
+# Remote commands run, per connection id, in this process: what the polling benchmark counts.
+_COMMANDS: collections.Counter[str] = collections.Counter()
+DEFAULT_COMMAND_TIMEOUT = 120.0
+
+
+def remote_command_count(conn_id: str | None = None) -> int:
+    """Remote commands run so far in this process (for ``conn_id``, or all)."""
+    return _COMMANDS[conn_id] if conn_id else sum(_COMMANDS.values())
+
+
+class SlurmCommandError(RuntimeError):
+    """A Slurm command could not be run or answered badly. ``retryable``: asking again may help."""
+
+    def __init__(self, conn_id: str, message: str, *, retryable: bool = True):
+        super().__init__(f"facility connection {conn_id!r}: {message}")
+        self.conn_id = conn_id
+        self.retryable = retryable
+
+
+class SlurmSubmitError(SlurmCommandError):
+    """sbatch refused the job (bad partition, account, limits): asking again will not help."""
+
+
+@dataclass
+class RemoteResult:
+    returncode: int | None
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+    @property
+    def error_text(self) -> str:
+        return self.stderr.decode(errors="replace")
+
+
+@dataclass
+class QueryResult:
+    """What a facility said about some jobs in one query.
+
+    ``jobs`` holds the jobs some source knows; ``lost`` the jobs every source answered for
+    without knowing them (purged, never existed); a job in neither is unknown this time (a
+    query failed): ask again, never read it as failed.
+    """
+
+    tz: str | None = None
+    jobs: dict[str, SlurmJob] = field(default_factory=dict)
+    lost: set[str] = field(default_factory=set)
+    logs: dict[str, parsing.LogChunk] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    def state_of(self, job_id: str) -> SlurmJob | None:
+        return self.jobs.get(job_id)
+
+
+class SlurmClient:
+    """Slurm operations over one open SSH connection to one facility."""
+
+    def __init__(
+        self,
+        conn_id: str,
+        connection: asyncssh.SSHClientConnection,
+        *,
+        command_timeout: float = DEFAULT_COMMAND_TIMEOUT,
+    ):
+        self.conn_id = conn_id
+        self.connection = connection
+        self.command_timeout = command_timeout
+
+    async def run(
+        self, command: str, *, stdin: bytes | str | None = None, timeout: float | None = None
+    ) -> RemoteResult:
+        """Runs one remote command; connection trouble raises ``SlurmCommandError`` (retryable)."""
+        _COMMANDS[self.conn_id] += 1
+        data = stdin.encode() if isinstance(stdin, str) else stdin
+        try:
+            result = await self.connection.run(
+                command,
+                input=data,
+                encoding=None,
+                check=False,
+                timeout=timeout or self.command_timeout,
+            )
+        except (TimeoutError, asyncssh.Error, OSError) as error:
+            raise SlurmCommandError(
+                self.conn_id, f"remote command failed: {type(error).__name__}: {error}"
+            ) from None
+        return RemoteResult(result.returncode, result.stdout or b"", result.stderr or b"")
+
+    async def run_script(self, script: str, *, timeout: float | None = None) -> parsing.Output:
+        """Runs a ``commands.build_*_script`` through ``sh -s`` and reads its marked output."""
+        result = await self.run("sh -s", stdin=script, timeout=timeout)
+        if result.returncode not in (0, None) and not result.stdout:
+            raise SlurmCommandError(
+                self.conn_id,
+                f"query script failed ({result.returncode}): {result.error_text[-500:]}",
+            )
+        return parsing.parse_sections(result.stdout)
+
+    # -- submitting ---------------------------------------------------------------------
+
+    async def resolve_workdir(self, workdir: str) -> str:
+        """Creates ``workdir`` if needed and returns it absolute (relative: under the login dir)."""
+        result = await self.run(commands.build_workdir_command(workdir))
+        path = result.text.strip().splitlines()[-1] if result.text.strip() else ""
+        if result.returncode != 0 or not path.startswith("/"):
+            raise SlurmCommandError(
+                self.conn_id,
+                f"cannot create remote_workdir {workdir!r}: {result.error_text.strip()[-500:]}",
+                retryable=False,
+            )
+        return path
+
+    async def submit(
+        self, script: str, *, workdir: str, script_name: str
+    ) -> tuple[str, str | None]:
+        """Writes ``script`` as ``workdir/script_name`` (aside, then renamed) and submits it.
+
+        Returns ``(job_id, cluster)``; raises ``SlurmSubmitError`` when sbatch refuses the job.
+        """
+        result = await self.run(commands.build_submit_command(workdir, script_name), stdin=script)
+        if result.returncode != 0:
+            raise SlurmSubmitError(
+                self.conn_id,
+                f"sbatch refused the job: {parsing.sbatch_error(result.error_text)}",
+                retryable=False,
+            )
+        try:
+            return parsing.parse_sbatch(result.text)
+        except SlurmOutputError as error:
+            raise SlurmCommandError(self.conn_id, str(error)) from None
+
+    async def cancel(self, job_id: str) -> None:
+        result = await self.run(commands.build_cancel_command(job_id))
+        if result.returncode != 0:
+            raise SlurmCommandError(
+                self.conn_id, f"scancel {job_id} failed: {result.error_text.strip()[-500:]}"
+            )
+
+    # -- querying -----------------------------------------------------------------------
+
+    async def poll(
+        self, job_ids: Sequence[str], log_reads: Sequence[commands.LogRead] = ()
+    ) -> QueryResult:
+        """One command: squeue for ``job_ids`` plus the new bytes of each log in ``log_reads``.
+
+        Jobs squeue does not hold are neither in ``jobs`` nor ``lost``: see ``resolve``.
+        """
+        out = await self.run_script(commands.build_poll_script(job_ids, log_reads))
+        answer = QueryResult(tz=out.tz, logs=out.logs)
+        if job_ids:
+            records = parsing.squeue_answer(out.section("squeue"))
+            if records is None:
+                section = out.section("squeue")
+                answer.problems.append(
+                    f"squeue failed: {section.text.strip()[-300:] if section else 'no answer'}"
+                )
+            else:
+                _file_records(answer, job_ids, records)
+        return answer
+
+    async def resolve(self, job_ids: Sequence[str]) -> QueryResult:
+        """For jobs that left squeue: sacct, sacct -c where accounting is disabled, scontrol."""
+        out = await self.run_script(commands.build_resolve_script(job_ids))
+        answer = QueryResult(tz=out.tz)
+        sacct = parsing.sacct_answer(out.section("sacct"))
+        sacct_c = parsing.sacct_answer(out.section("sacct-c"), source="sacct-c")
+        accounting = sacct if sacct is not None else sacct_c
+        if accounting is None:
+            answer.problems.append(
+                "sacct failed: " + _section_text(out.section("sacct-c") or out.section("sacct"))
+            )
+        for job_id in job_ids:
+            scontrol = parsing.scontrol_answer(out.section("scontrol", job_id))
+            from_scontrol = aggregate(job_id, [r for r in scontrol or [] if belongs_to(r, job_id)])
+            from_accounting = aggregate(
+                job_id, [r for r in accounting or [] if belongs_to(r, job_id)]
+            )
+            if from_scontrol is not None:
+                answer.jobs[job_id] = from_scontrol.merged(from_accounting)
+            elif from_accounting is not None:
+                answer.jobs[job_id] = from_accounting
+            elif scontrol is not None and accounting is not None:
+                answer.lost.add(job_id)
+        return answer
+
+    async def query(self, job_ids: Sequence[str]) -> QueryResult:
+        """squeue, then the fallbacks for the jobs squeue does not hold: the whole answer."""
+        answer = await self.poll(job_ids)
+        missing = [j for j in job_ids if j not in answer.jobs and not answer.problems]
+        if missing:
+            resolved = await self.resolve(missing)
+            answer.jobs.update(resolved.jobs)
+            answer.lost |= resolved.lost
+            answer.problems += resolved.problems
+            answer.tz = answer.tz or resolved.tz
+        return answer
+
+    async def find_tagged(
+        self, job_name: str, comment: str | None
+    ) -> tuple[str | None, list[SlurmJob]]:
+        """The user's jobs named ``job_name`` (and with ``comment``, if given), oldest first:
+        squeue (every state it remembers), then sacct over the last days."""
+        out = await self.run_script(commands.build_find_script(job_name))
+        queued = parsing.squeue_answer(out.section("squeue"))
+        if queued is None:
+            raise SlurmCommandError(
+                self.conn_id,
+                "squeue failed while looking for jobs named "
+                f"{job_name!r}: {_section_text(out.section('squeue'))}",
+            )
+        found: dict[str, SlurmJob] = {}
+        for record in (
+            parsing.sacct_answer(out.section("sacct")) or []
+        ) + queued:  # squeue last: it wins
+            if (
+                (comment is None or record.comment == comment)
+                and "_" not in record.job_id
+                and "+" not in record.job_id
+            ):
+                found[record.job_id] = record
+        return out.tz, sorted(found.values(), key=lambda r: int(r.raw_id or r.job_id))
+
+    async def log_tails(self, reads: Sequence[tuple[str, str]], lines: int) -> dict[str, list[str]]:
+        """The last ``lines`` lines of each ``(job_id, log_path)``; a missing file gives []."""
+        if not reads:
+            return {}
+        out = await self.run_script(commands.build_tail_script(reads, lines))
+        tails = {}
+        for job_id, _ in reads:
+            section = out.section("tail", job_id)
+            text = section.text if section is not None and section.rc == 0 else ""
+            tails[job_id] = [line for line in text.splitlines() if line.strip()][-lines:]
+        return tails
+
+
+def _section_text(section: parsing.Section | None) -> str:
+    return section.text.strip()[-300:] if section is not None else "no answer"
+
+
+def _file_records(answer: QueryResult, job_ids: Iterable[str], records: list[SlurmJob]) -> None:
+    for job_id in job_ids:
+        mine = [r for r in records if belongs_to(r, job_id)]
+        job = aggregate(job_id, mine)
+        if job is not None:
+            answer.jobs[job_id] = job
+
+
+class _LoopThread:
+    """A private event loop in a thread: the sync side of the hook runs its coroutines there, so
+    it works whether or not the caller's thread already runs a loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="slurm-hook-loop", daemon=True
+        )
+        self.thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+class SlurmHook(BaseHook):
+    """Slurm at one facility, reached over the Airflow SSH connection ``ssh_conn_id``.
+
+    One SSH connection is opened on first use and kept until ``close()`` (or the end of a
+    ``with`` / ``async with`` block). Async methods are for triggers; the sync ones (same names
+    without the ``a``) for operators.
+
+    :param ssh_conn_id: the facility's Airflow SSH connection (host key pinned).
+    :param command_timeout: seconds one remote command may take.
+    """
+
+    conn_name_attr = "ssh_conn_id"
+    default_conn_name = "ssh_default"
+    conn_type = "ssh"
+    hook_name = "Slurm over SSH"
+
+    def __init__(self, *, ssh_conn_id: str, command_timeout: float = DEFAULT_COMMAND_TIMEOUT):
+        super().__init__()
+        self.ssh_conn_id = ssh_conn_id
+        self.command_timeout = command_timeout
+        self._target: SSHTarget | None = None
+        self._connection: asyncssh.SSHClientConnection | None = None
+        self._client: SlurmClient | None = None
+        self._thread: _LoopThread | None = None
+
+    # -- connection ---------------------------------------------------------------------
+
+    async def aget_client(self) -> SlurmClient:
+        if self._client is None:
+            target = self._target or await aget_target(self.ssh_conn_id)
+            self._connection = await connect(target)
+            self._client = SlurmClient(
+                self.ssh_conn_id, self._connection, command_timeout=self.command_timeout
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        connection, self._connection, self._client = self._connection, None, None
+        if connection is not None:
+            connection.close()
+            try:
+                async with asyncio.timeout(5):
+                    await connection.wait_closed()
+            except (TimeoutError, OSError, asyncssh.Error):
+                pass
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def get_conn(self) -> SlurmClient:
+        """The open ``SlurmClient`` (sync callers: prefer the hook's own methods)."""
+        return self._sync(self.aget_client())
+
+    def _sync(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        if self._thread is None:
+            try:
+                # Look the connection up here, in the caller's thread (the task's SDK context).
+                self._target = self._target or get_target(self.ssh_conn_id)
+            except BaseException:
+                coroutine.close()
+                raise
+            self._thread = _LoopThread()
+        return self._thread.run(coroutine)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.run(self.aclose())
+            self._thread.close()
+            self._thread = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        client = await self.aget_client()
+        try:
+            return await getattr(client, name)(*args, **kwargs)
+        except SlurmCommandError as error:
+            if error.retryable:  # the link may be dead: reconnect on the next call
+                await self.aclose()
+            raise
+
+    # -- operations (async) -------------------------------------------------------------
+
+    async def aresolve_workdir(self, workdir: str) -> str:
+        return await self._call("resolve_workdir", workdir)
+
+    async def asubmit(
+        self, script: str, *, workdir: str, script_name: str
+    ) -> tuple[str, str | None]:
+        return await self._call("submit", script, workdir=workdir, script_name=script_name)
+
+    async def aquery(self, job_ids: Sequence[str]) -> QueryResult:
+        return await self._call("query", list(job_ids))
+
+    async def afind_tagged(
+        self, job_name: str, comment: str | None
+    ) -> tuple[str | None, list[SlurmJob]]:
+        return await self._call("find_tagged", job_name, comment)
+
+    async def acancel(self, job_id: str) -> None:
+        await self._call("cancel", job_id)
+
+    async def alog_tail(self, job_id: str, log_path: str, lines: int) -> list[str]:
+        return (await self._call("log_tails", [(job_id, log_path)], lines)).get(job_id, [])
+
+    # -- operations (sync) --------------------------------------------------------------
+
+    def resolve_workdir(self, workdir: str) -> str:
+        return self._sync(self.aresolve_workdir(workdir))
+
+    def submit(self, script: str, *, workdir: str, script_name: str) -> tuple[str, str | None]:
+        return self._sync(self.asubmit(script, workdir=workdir, script_name=script_name))
+
+    def query(self, job_ids: Sequence[str]) -> QueryResult:
+        return self._sync(self.aquery(job_ids))
+
+    def find_tagged(self, job_name: str, comment: str | None) -> tuple[str | None, list[SlurmJob]]:
+        return self._sync(self.afind_tagged(job_name, comment))
+
+    def cancel(self, job_id: str) -> None:
+        self._sync(self.acancel(job_id))
+
+    def log_tail(self, job_id: str, log_path: str, lines: int) -> list[str]:
+        return self._sync(self.alog_tail(job_id, log_path, lines))
+
+
+__all__ = [
+    "FacilityConnectionError",
+    "QueryResult",
+    "SlurmClient",
+    "SlurmCommandError",
+    "SlurmHook",
+    "SlurmSubmitError",
+    "remote_command_count",
+]

@@ -1,0 +1,336 @@
+"""``SlurmOperator``: runs one command as a Slurm job at a facility, deferring while it runs.
+
+``execute()`` has one shape: re-attach to the job an earlier try submitted (or submit one),
+then defer to ``SlurmJobTrigger`` with a timeout. ``execute_complete()`` returns the job report
+to XCom or raises with the job's state, reason, exit code and log tail.
+
+Exactly once: the job id goes into ``context["task_state_store"]`` as soon as sbatch answers,
+and the job's ``--comment`` carries the task instance (``xffl/<dag>/<run>/<task>/<map>``). A
+retry or a restarted worker re-attaches to that job (found by id, else by its tag) unless it
+ended in failure; a facility that cannot be asked is an error, never a reason to submit again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, ClassVar
+
+from airflow.sdk import BaseOperator, Context
+
+from xffl_airflow.hooks.slurm import SlurmCommandError, SlurmHook, SlurmSubmitError
+from xffl_airflow.operators.slurm_results import (
+    SlurmConfigError,
+    SlurmJobError,
+    SlurmSubmitRefused,
+    check_event,
+)
+from xffl_airflow.slurm import validation as v
+from xffl_airflow.slurm.errors import SlurmInputError
+from xffl_airflow.slurm.options import SbatchOptions
+from xffl_airflow.slurm.report import job_report
+from xffl_airflow.slurm.script import command_text, render_batch_script
+from xffl_airflow.slurm.states import Phase, SlurmJob
+from xffl_airflow.slurm.tags import TaskTag, default_job_name
+from xffl_airflow.ssh import FacilityConnectionError
+from xffl_airflow.triggers.slurm import SlurmJobTrigger
+
+STATE_KEY = "xffl_slurm_job"  # the task_state_store key holding the submitted job
+# defer() gets this much more than the trigger's own deadline, so the trigger's clear
+# "timeout" event normally wins over Airflow's TaskDeferralTimeout.
+DEFER_MARGIN = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """The operator's rendered, validated settings."""
+
+    options: SbatchOptions
+    command: str
+    env: dict[str, str]
+    workdir: str
+    job_name: str
+
+
+def _templated(value: Any) -> bool:
+    """Whether ``value`` still holds Jinja (then it is validated after rendering)."""
+    if isinstance(value, str):
+        return "{{" in value or "{%" in value
+    if isinstance(value, dict):
+        return any(_templated(k) or _templated(x) for k, x in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_templated(x) for x in value)
+    return False
+
+
+class SlurmOperator(BaseOperator):
+    """Runs ``command`` in a Slurm batch job at the facility behind ``ssh_conn_id``.
+
+    :param ssh_conn_id: the facility's Airflow SSH connection (host key pinned).
+    :param command: the job's shell command (a string, placed in the script as written), or
+        an argv list (each word quoted). Templated.
+    :param sbatch: ``SbatchOptions`` or a plain dict of them (partition, account, qos, nodes,
+        ntasks_per_node, cpus_per_task, gpus_per_node, mem, time, extra, preamble). Templated.
+    :param remote_workdir: the job's working directory at the facility (created if missing;
+        relative paths are under the login directory). The batch script and the log
+        ``<job_name>-<job id>.log`` are written there. Templated.
+    :param job_name: the Slurm job name; default ``<dag_id>.<task_id>[.<map_index>]``. Templated.
+    :param poll_interval: the longest time between two polls of the job (the first polls are
+        about 1 s apart, backing off towards this).
+    :param timeout: how long to wait for the job (queue time included); then the job is
+        cancelled (see ``cancel_on_timeout``) and the task fails.
+    :param log_tail_lines: the job log's last lines shown when the job fails.
+    :param env: environment variables exported in the batch script (values quoted). Templated.
+    :param follow_log: stream the job's log into the task log while it runs.
+    :param cancel_on_timeout: ``scancel`` the job when ``timeout`` passes.
+
+    Returns (XCom) the job report: ``job_id``, ``cluster``, ``conn_id``, ``state``,
+    ``exit_code``, ``reason``, ``submit_time``, ``start_time``, ``end_time`` (ISO 8601),
+    ``queue_wait_s``, ``run_s``, ``elapsed_s``, ``log_path``.
+    """
+
+    template_fields: Sequence[str] = ("command", "sbatch", "remote_workdir", "env", "job_name")
+    template_fields_renderers: ClassVar[dict[str, str]] = {
+        "command": "bash",
+        "sbatch": "json",
+        "env": "json",
+    }
+    ui_color = "#d9e7f5"
+
+    def __init__(
+        self,
+        *,
+        ssh_conn_id: str,
+        command: str | Sequence[str],
+        remote_workdir: str,
+        sbatch: SbatchOptions | dict[str, Any] | None = None,
+        job_name: str | None = None,
+        poll_interval: float = 30.0,
+        timeout: timedelta = timedelta(days=2),
+        log_tail_lines: int = 50,
+        env: dict[str, str] | None = None,
+        follow_log: bool = True,
+        cancel_on_timeout: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.ssh_conn_id = ssh_conn_id
+        self.command = list(command) if isinstance(command, (list, tuple)) else command
+        self.sbatch = sbatch.to_dict() if isinstance(sbatch, SbatchOptions) else sbatch
+        self.remote_workdir = remote_workdir
+        self.job_name = job_name
+        self.env = env
+        self.poll_interval = float(poll_interval)
+        if not isinstance(timeout, timedelta) or timeout <= timedelta(0):
+            raise SlurmConfigError(
+                f"task {self.task_id}: timeout must be a positive timedelta, got {timeout!r}"
+            )
+        self.timeout = timeout
+        if int(log_tail_lines) < 0 or self.poll_interval <= 0:
+            raise SlurmConfigError(
+                f"task {self.task_id}: log_tail_lines must be >= 0 and poll_interval > 0"
+            )
+        self.log_tail_lines = int(log_tail_lines)
+        self.follow_log = follow_log
+        self.cancel_on_timeout = cancel_on_timeout
+        self._job_id: str | None = None
+        if not isinstance(ssh_conn_id, str) or not ssh_conn_id:
+            raise SlurmConfigError(
+                f"task {self.task_id}: ssh_conn_id must name an Airflow SSH connection"
+            )
+        self._check_untemplated()
+
+    # -- validation ---------------------------------------------------------------------
+
+    def _check_untemplated(self) -> None:
+        """Fails at DAG parse time on whatever holds no Jinja (the rest is checked in execute)."""
+        try:
+            if not _templated(self.sbatch):
+                SbatchOptions.from_dict(self.sbatch)
+            if not _templated(self.command):
+                command_text(self.command)
+            if not _templated(self.remote_workdir):
+                v.check_path(self.remote_workdir, "remote_workdir")
+            if self.job_name is not None and not _templated(self.job_name):
+                v.check_job_name(self.job_name)
+            if not _templated(self.env):
+                v.check_env(self.env)
+        except SlurmInputError as error:
+            raise SlurmConfigError(f"task {self.task_id} ({self.ssh_conn_id}): {error}") from None
+
+    def _spec(self, tag: TaskTag) -> JobSpec:
+        try:
+            return JobSpec(
+                options=SbatchOptions.from_dict(self.sbatch),
+                command=command_text(self.command),
+                env=v.check_env(self.env),
+                workdir=v.check_path(self.remote_workdir, "remote_workdir"),
+                job_name=v.check_job_name(self.job_name)
+                if self.job_name
+                else default_job_name(tag.dag_id, tag.task_id, tag.map_index),
+            )
+        except SlurmInputError as error:
+            raise SlurmConfigError(f"task {self.task_id} ({self.ssh_conn_id}): {error}") from None
+
+    # -- execute ------------------------------------------------------------------------
+
+    def execute(self, context: Context) -> dict[str, Any]:
+        tag = _task_tag(context, self.task_id)
+        spec = self._spec(tag)
+        store = context.get("task_state_store")
+        if store is None:
+            self.log.warning(
+                "No task_state_store in this Airflow: a retry finds its job by its tag only"
+            )
+        with SlurmHook(ssh_conn_id=self.ssh_conn_id) as hook:
+            try:
+                found = self._existing_job(hook, store, spec, tag)
+                if found is None:
+                    ref, job, tz = self._submit(hook, store, spec, tag), None, None
+                else:
+                    ref, job, tz = found
+                self._job_id = ref["job_id"]
+                if job is not None and job.phase is Phase.SUCCESS:
+                    self.log.info("Slurm job %s already ended %s", ref["job_id"], job.state)
+                    return job_report(
+                        job, conn_id=self.ssh_conn_id, log_path=ref.get("log_path"), tz=tz
+                    )
+            except FacilityConnectionError as error:
+                if error.retryable:
+                    raise SlurmJobError(f"task {self.task_id}: {error}") from None
+                raise SlurmConfigError(f"task {self.task_id}: {error}") from None
+            except SlurmSubmitError as error:
+                raise SlurmSubmitRefused(f"task {self.task_id}: {error}") from None
+            except SlurmCommandError as error:
+                raise SlurmJobError(f"task {self.task_id}: {error}") from None
+        timeout_at = datetime.now(UTC) + self.timeout
+        self.defer(
+            trigger=SlurmJobTrigger(
+                ssh_conn_id=self.ssh_conn_id,
+                job_id=ref["job_id"],
+                log_path=ref.get("log_path"),
+                poll_interval=self.poll_interval,
+                log_tail_lines=self.log_tail_lines,
+                follow_log=self.follow_log,
+                timeout_at=timeout_at.isoformat(),
+                cancel_on_kill=True,
+            ),
+            method_name="execute_complete",
+            timeout=self.timeout + DEFER_MARGIN,
+        )
+
+    def _existing_job(self, hook: SlurmHook, store: Any, spec: JobSpec, tag: TaskTag
+                      ) -> tuple[dict[str, Any], SlurmJob, str | None] | None:  # fmt: skip
+        """The job an earlier try of this task instance submitted, unless it ended in failure."""
+        stored = store.get(STATE_KEY) if store is not None else None
+        if (
+            isinstance(stored, dict)
+            and stored.get("job_id")
+            and stored.get("conn_id") == self.ssh_conn_id
+        ):
+            job_id = v.check_job_id(stored["job_id"])
+            answer = hook.query([job_id])
+            job = answer.jobs.get(job_id)
+            if job is None and job_id not in answer.lost:
+                raise SlurmCommandError(
+                    self.ssh_conn_id,
+                    f"cannot tell the state of job {job_id} that an earlier try submitted "
+                    f"({'; '.join(answer.problems) or 'no answer'}); not submitting another",
+                )
+            if job is None:
+                self.log.warning(
+                    "Job %s of an earlier try is unknown to Slurm now (purged): submitting anew",
+                    job_id,
+                )
+                return None
+            if job.phase is Phase.FAILURE:
+                self.log.warning(
+                    "Job %s of an earlier try ended %s: submitting anew", job_id, job.state
+                )
+                return None
+            self.log.info(
+                "Re-attaching to Slurm job %s (%s) submitted by an earlier try", job_id, job.state
+            )
+            return stored, job, answer.tz
+        tz, found = hook.find_tagged(spec.job_name, tag.comment)
+        alive = [job for job in found if job.phase is not Phase.FAILURE]
+        if not alive:
+            return None
+        job = alive[-1]
+        ref = self._ref(job.job_id, job.cluster, job.stdout, spec)
+        if store is not None:
+            store.set(STATE_KEY, ref)
+        self.log.info(
+            "Re-attaching to Slurm job %s (%s), found by its tag %s",
+            job.job_id,
+            job.state,
+            tag.comment,
+        )
+        return ref, job, tz
+
+    def _submit(self, hook: SlurmHook, store: Any, spec: JobSpec, tag: TaskTag) -> dict[str, Any]:
+        workdir = hook.resolve_workdir(spec.workdir)
+        output = f"{workdir.rstrip('/')}/{spec.job_name}-%j.log"
+        script = render_batch_script(spec.options, command=spec.command, job_name=spec.job_name,
+                                     comment=tag.comment, workdir=workdir, output=output, env=spec.env)  # fmt: skip
+        job_id, cluster = hook.submit(
+            script, workdir=workdir, script_name=f"{spec.job_name}.sbatch"
+        )
+        ref = self._ref(job_id, cluster, output.replace("%j", job_id), spec)
+        if store is not None:
+            store.set(STATE_KEY, ref)
+        self.log.info(
+            "Submitted Slurm job %s to %s; log %s", job_id, self.ssh_conn_id, ref["log_path"]
+        )
+        return ref
+
+    def _ref(
+        self, job_id: str, cluster: str | None, log_path: str | None, spec: JobSpec
+    ) -> dict[str, Any]:
+        return {
+            "job_id": job_id,
+            "conn_id": self.ssh_conn_id,
+            "cluster": cluster,
+            "log_path": log_path,
+            "job_name": spec.job_name,
+            "submitted_at": datetime.now(UTC).isoformat(),
+        }
+
+    def execute_complete(
+        self, context: Context, event: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        if isinstance(event, dict) and event.get("status") == "timeout" and self.cancel_on_timeout:
+            self._cancel(str(event.get("job_id")), why="its timeout passed")
+        report = check_event(event, task_id=self.task_id)
+        self.log.info(
+            "Slurm job %s ended %s: queued %s s, ran %s s", report["job_id"], report["state"],
+            report["queue_wait_s"], report["run_s"],
+        )  # fmt: skip
+        return report
+
+    def on_kill(self) -> None:
+        """Killed while submitting or re-attaching: cancel the job (the trigger does it once deferred)."""
+        if self._job_id:
+            self._cancel(self._job_id, why="the task was killed")
+
+    def _cancel(self, job_id: str, *, why: str) -> None:
+        try:
+            with SlurmHook(ssh_conn_id=self.ssh_conn_id) as hook:
+                hook.cancel(job_id)
+            self.log.warning("Cancelled Slurm job %s on %s: %s", job_id, self.ssh_conn_id, why)
+        except Exception as error:  # noqa: BLE001 - best effort: the failure that follows tells the story
+            self.log.error(
+                "Could not cancel Slurm job %s on %s: %s", job_id, self.ssh_conn_id, error
+            )
+
+
+def _task_tag(context: Context, task_id: str) -> TaskTag:
+    ti = context["ti"]
+    map_index = getattr(ti, "map_index", -1)
+    try:
+        return TaskTag(
+            ti.dag_id, ti.run_id, ti.task_id, -1 if map_index is None else int(map_index)
+        )
+    except SlurmInputError as error:
+        raise SlurmConfigError(f"task {task_id}: cannot tag its Slurm job: {error}") from None

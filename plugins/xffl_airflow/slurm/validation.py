@@ -1,0 +1,187 @@
+"""Validation of every value that reaches a facility's shell or an ``#SBATCH`` line.
+
+Each check either returns the value (normalised) or raises ``SlurmInputError`` naming the
+field. The rules are deliberately narrower than what Slurm accepts: a value that passes is safe
+inside an ``#SBATCH`` line without quoting and inside a shell command once ``shlex.quote``-d.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from xffl_airflow.slurm.errors import SlurmInputError
+
+# Job names: what squeue shows. No spaces, quotes or shell metacharacters.
+JOB_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+# Partition, account and QOS names.
+SLURM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+# A job id as squeue prints it: plain, array task (123_4) or het component (123+1).
+JOB_ID_RE = re.compile(r"^[0-9]{1,12}(?:_[0-9]{1,9}|\+[0-9]{1,4})?$")
+# Remote paths: absolute or relative to the login directory; no whitespace, quotes, $, `, ;, ~.
+PATH_RE = re.compile(r"^[A-Za-z0-9_./@+=,-]+$")
+# Output files may carry sbatch's filename patterns (%j, %x, ...).
+OUTPUT_PATH_RE = re.compile(r"^[A-Za-z0-9_./@+=,%-]+$")
+# Job comments (the task tag): run ids bring ':' and '~'.
+COMMENT_RE = re.compile(r"^[A-Za-z0-9_./@+=,:~-]{1,1000}$")
+ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+# Airflow ids as they may appear in the job tag (ASCII only: they reach Slurm).
+AIRFLOW_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.~:+-]{1,250}$")
+# One extra sbatch option in long form, with an optional value of safe characters.
+EXTRA_OPTION_RE = re.compile(r"^--[a-z][a-z0-9-]*(?:=[A-Za-z0-9_.,:/@%+=\[\]-]+)?$")
+# Slurm time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]].
+TIME_RE = re.compile(r"^(?:[0-9]+-)?[0-9]+(?::[0-9]+){0,2}$")
+MEM_RE = re.compile(r"^[0-9]+[KMGT]?$")
+NODES_RE = re.compile(r"^[1-9][0-9]{0,5}(?:-[1-9][0-9]{0,5})?$")
+GPUS_RE = re.compile(r"^(?:[A-Za-z0-9_.-]{1,32}:)?[0-9]{1,4}$")
+
+# Options the operator sets itself: a duplicate in ``extra`` would silently win or conflict.
+RESERVED_OPTIONS = frozenset(
+    {
+        "job-name",
+        "comment",
+        "chdir",
+        "output",
+        "error",
+        "open-mode",
+        "parsable",
+        "wrap",
+        "array",
+        "wait",
+    }
+)
+
+
+def _text(value: object, field: str) -> str:
+    if not isinstance(value, str):
+        raise SlurmInputError(field, f"must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_job_name(value: object, field: str = "job_name") -> str:
+    text = _text(value, field)
+    if not JOB_NAME_RE.fullmatch(text):
+        raise SlurmInputError(
+            field,
+            f"{text!r} is not a safe job name: use 1-128 of A-Z a-z 0-9 _ . + - (starting with a letter or digit)",
+        )
+    return text
+
+
+def check_slurm_name(value: object, field: str) -> str:
+    text = _text(value, field)
+    if not SLURM_NAME_RE.fullmatch(text):
+        raise SlurmInputError(
+            field, f"{text!r} is not a valid name: use 1-64 of A-Z a-z 0-9 _ . + -"
+        )
+    return text
+
+
+def check_job_id(value: object, field: str = "job_id") -> str:
+    text = (
+        str(value)
+        if isinstance(value, int) and not isinstance(value, bool)
+        else _text(value, field)
+    )
+    if not JOB_ID_RE.fullmatch(text):
+        raise SlurmInputError(
+            field, f"{text!r} is not a Slurm job id (such as 123, 123_4 or 123+1)"
+        )
+    return text
+
+
+def check_path(value: object, field: str, *, patterns: bool = False) -> str:
+    """A remote path: absolute, or relative to the facility user's login directory."""
+    text = _text(value, field)
+    pattern = OUTPUT_PATH_RE if patterns else PATH_RE
+    if not text or not pattern.fullmatch(text):
+        allowed = "A-Z a-z 0-9 _ . / @ + = , -" + (" %" if patterns else "")
+        raise SlurmInputError(field, f"{text!r} is not a safe remote path: use only {allowed}")
+    if text.startswith("-"):
+        raise SlurmInputError(field, f"{text!r} must not start with '-'")
+    return text
+
+
+def check_comment(value: object, field: str = "comment") -> str:
+    text = _text(value, field)
+    if not COMMENT_RE.fullmatch(text):
+        raise SlurmInputError(
+            field,
+            f"{text!r} is not a safe job comment: use 1-1000 of A-Z a-z 0-9 _ . / @ + = , : ~ -",
+        )
+    return text
+
+
+def check_env(env: object, field: str = "env") -> dict[str, str]:
+    if env is None:
+        return {}
+    if not isinstance(env, Mapping):
+        raise SlurmInputError(
+            field, f"must be a mapping of variable names to strings, got {type(env).__name__}"
+        )
+    checked: dict[str, str] = {}
+    for name, value in env.items():
+        if not isinstance(name, str) or not ENV_NAME_RE.fullmatch(name):
+            raise SlurmInputError(f"{field}", f"{name!r} is not a valid environment variable name")
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise SlurmInputError(
+                f"{field}.{name}", f"must be a string, got {type(value).__name__}"
+            )
+        text = str(value)
+        if "\x00" in text:
+            raise SlurmInputError(f"{field}.{name}", "must not contain NUL characters")
+        checked[name] = text
+    return checked
+
+
+def check_shell_line(value: object, field: str) -> str:
+    """One line of the user's own shell code (preamble, command): no NUL, no line breaks."""
+    text = _text(value, field)
+    if "\x00" in text or "\n" in text or "\r" in text:
+        raise SlurmInputError(field, "must be a single line without NUL characters")
+    return text
+
+
+def check_command(value: object, field: str = "command") -> str:
+    """The job's command: the DAG author's shell code, placed in the batch script as written."""
+    text = _text(value, field)
+    if not text.strip():
+        raise SlurmInputError(field, "must not be empty")
+    if "\x00" in text:
+        raise SlurmInputError(field, "must not contain NUL characters")
+    return text
+
+
+def check_extra_option(value: object, field: str) -> str:
+    text = _text(value, field).strip()
+    if not EXTRA_OPTION_RE.fullmatch(text):
+        raise SlurmInputError(
+            field,
+            f"{text!r} is not an sbatch option of the form --name or --name=value "
+            "(value of A-Z a-z 0-9 _ . , : / @ % + = [ ] -)",
+        )
+    name = text[2:].split("=", 1)[0]
+    if name in RESERVED_OPTIONS:
+        raise SlurmInputError(
+            field, f"--{name} is set by the operator and cannot be given in extra"
+        )
+    return text
+
+
+def check_airflow_key(value: object, field: str) -> str:
+    text = _text(value, field)
+    if not AIRFLOW_KEY_RE.fullmatch(text):
+        raise SlurmInputError(
+            field, f"{text!r} must be 1-250 of A-Z a-z 0-9 _ . - to be tagged on a Slurm job"
+        )
+    return text
+
+
+def check_run_id(value: object, field: str = "run_id") -> str:
+    text = _text(value, field)
+    if not RUN_ID_RE.fullmatch(text):
+        raise SlurmInputError(
+            field, f"{text!r} must be 1-250 of A-Z a-z 0-9 _ . ~ : + - to be tagged on a Slurm job"
+        )
+    return text

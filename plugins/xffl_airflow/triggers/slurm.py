@@ -1,0 +1,222 @@
+"""``SlurmJobTrigger``: waits in the triggerer for one Slurm job to end.
+
+Thin by design: its state is its constructor arguments (JSON-safe, returned by
+``serialize()``), the polling lives in the facility's shared poller
+(``xffl_airflow.hooks.slurm_poller``), and it yields exactly one final event. Rebuilt from
+``serialize()`` after a triggerer restart it simply watches the same job id again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from xffl_airflow.hooks.slurm import SlurmHook
+from xffl_airflow.hooks.slurm_poller import JobUpdate, poller_for
+from xffl_airflow.slurm import validation as v
+from xffl_airflow.slurm.report import job_report
+from xffl_airflow.slurm.states import Phase, SlurmJob
+
+# A job no source knows for this long is reported as an error (never as failed).
+DEFAULT_LOST_AFTER = 600.0
+CANCEL_TIMEOUT = 60.0
+
+
+class SlurmJobTrigger(BaseTrigger):
+    """Waits for Slurm job ``job_id`` at the facility ``ssh_conn_id``; streams its log meanwhile.
+
+    The event: ``status`` (success | failed | error | timeout), ``job_id``, ``message``, the job
+    report (``cluster``, ``conn_id``, ``state``, ``exit_code``, ``reason``, ISO ``submit_time``,
+    ``start_time``, ``end_time``, ``queue_wait_s``, ``run_s``, ``elapsed_s``, ``log_path``),
+    ``log_tail`` (the last lines of the log) and ``log_offset`` (bytes of the log shown).
+
+    :param ssh_conn_id: the facility's Airflow SSH connection.
+    :param job_id: the Slurm job id (``123``, ``123_4``).
+    :param log_path: the job's log at the facility; its new lines go to the task log.
+    :param log_offset: bytes of the log already shown.
+    :param poll_interval: the longest time between two polls (the first are about 1 s apart).
+    :param log_tail_lines: how many last log lines the final event carries.
+    :param follow_log: stream the log into the task log while the job runs.
+    :param timeout_at: ISO 8601 time after which the trigger gives up (status ``timeout``).
+    :param cancel_on_kill: ``scancel`` the job when a user kills the deferred task.
+    :param lost_after: seconds a job may stay unknown to squeue, sacct and scontrol before the
+        trigger reports an error.
+    """
+
+    def __init__(
+        self,
+        *,
+        ssh_conn_id: str,
+        job_id: str,
+        log_path: str | None = None,
+        log_offset: int = 0,
+        poll_interval: float = 30.0,
+        log_tail_lines: int = 50,
+        follow_log: bool = True,
+        timeout_at: str | None = None,
+        cancel_on_kill: bool = False,
+        lost_after: float = DEFAULT_LOST_AFTER,
+    ):
+        super().__init__()
+        self.ssh_conn_id = ssh_conn_id
+        self.job_id = v.check_job_id(job_id)
+        self.log_path = (
+            None if log_path is None else v.check_path(log_path, "log_path", patterns=True)
+        )
+        self.log_offset = int(log_offset)
+        self.poll_interval = float(poll_interval)
+        self.log_tail_lines = int(log_tail_lines)
+        self.follow_log = bool(follow_log)
+        self.timeout_at = timeout_at
+        self.cancel_on_kill = bool(cancel_on_kill)
+        self.lost_after = float(lost_after)
+        self._deadline = _monotonic_deadline(timeout_at)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "ssh_conn_id": self.ssh_conn_id,
+                "job_id": self.job_id,
+                "log_path": self.log_path,
+                "log_offset": self.log_offset,
+                "poll_interval": self.poll_interval,
+                "log_tail_lines": self.log_tail_lines,
+                "follow_log": self.follow_log,
+                "timeout_at": self.timeout_at,
+                "cancel_on_kill": self.cancel_on_kill,
+                "lost_after": self.lost_after,
+            },
+        )
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        try:
+            event = await self._wait_for_end()
+        except Exception as error:  # an unexpected error is an error event, never a job failure
+            self.log.exception("Watching Slurm job %s on %s failed", self.job_id, self.ssh_conn_id)
+            event = self._event(
+                "error", f"watching the job failed: {type(error).__name__}: {error}"
+            )
+        yield TriggerEvent(event)
+
+    async def _wait_for_end(self) -> dict[str, Any]:
+        poller = poller_for(self.ssh_conn_id)
+        last: JobUpdate = JobUpdate(log_offset=self.log_offset)
+        shown_state: tuple[str, str | None] | None = None
+        lost_since: float | None = None
+        problems = 0
+        async with poller.watch(self.job_id, log_path=self.log_path, log_offset=self.log_offset,
+                                poll_interval=self.poll_interval, follow_log=self.follow_log,
+                                tail_lines=self.log_tail_lines) as watch:  # fmt: skip
+            self.log.info(
+                "Watching Slurm job %s on %s (log %s)", self.job_id, self.ssh_conn_id, self.log_path
+            )
+            while True:
+                remaining = None if self._deadline is None else self._deadline - time.monotonic()
+                try:
+                    # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                    async with asyncio.timeout(remaining):
+                        update = await watch.updates.get()
+                except TimeoutError:
+                    state = last.job.state if last.job else "in an unknown state"
+                    return self._event(
+                        "timeout",
+                        f"gave up waiting at {self.timeout_at}: the job is still {state}",
+                        last,
+                    )
+                for line in update.log_lines:
+                    self.log.info("[job %s] %s", self.job_id, line)
+                if update.fatal:
+                    return self._event("error", f"cannot reach Slurm: {update.fatal}", last)
+                if update.problem:
+                    problems += 1
+                    if problems == 1 or problems % 10 == 0:
+                        self.log.warning(
+                            "Slurm at %s not answering, still waiting: %s",
+                            self.ssh_conn_id,
+                            update.problem,
+                        )
+                    continue
+                if problems:
+                    self.log.info(
+                        "Slurm at %s answers again after %s failed tries",
+                        self.ssh_conn_id,
+                        problems,
+                    )
+                    problems = 0
+                update.job = update.job or last.job
+                last = update
+                if update.job is not None and (update.job.state, update.job.reason) != shown_state:
+                    shown_state = (update.job.state, update.job.reason)
+                    self.log.info(
+                        "Slurm job %s is %s (reason %s)",
+                        self.job_id,
+                        update.job.state,
+                        update.job.reason,
+                    )
+                if update.final and update.job is not None:
+                    success = update.job.phase is Phase.SUCCESS
+                    return self._event(
+                        "success" if success else "failed",
+                        _ended(update.job, self.ssh_conn_id),
+                        update,
+                    )
+                if update.lost:
+                    lost_since = lost_since or time.monotonic()
+                    if time.monotonic() - lost_since >= self.lost_after:
+                        return self._event(
+                            "error",
+                            f"job {self.job_id} has been unknown to squeue, sacct and scontrol for "
+                            f"{self.lost_after:.0f} s: it may have been purged",
+                            update,
+                        )
+                else:
+                    lost_since = None
+
+    def _event(self, status: str, message: str, update: JobUpdate | None = None) -> dict[str, Any]:
+        job = update.job if update is not None else None
+        report = job_report(job or SlurmJob(self.job_id, "UNKNOWN"), conn_id=self.ssh_conn_id,
+                            log_path=self.log_path, tz=update.tz if update else None)  # fmt: skip
+        if job is None:
+            report["state"] = None
+        return {
+            **report,
+            "status": status,
+            "job_id": self.job_id,
+            "message": f"Slurm job {self.job_id} on {self.ssh_conn_id}: {message}",
+            "log_tail": list(update.log_tail) if update is not None else [],
+            "log_offset": update.log_offset if update is not None else self.log_offset,
+        }
+
+    async def on_kill(self) -> None:
+        """A user killed the deferred task (mark failed/success, clear): cancel the job if asked."""
+        if not self.cancel_on_kill:
+            return
+        self.log.info("Cancelling Slurm job %s on %s", self.job_id, self.ssh_conn_id)
+        async with SlurmHook(ssh_conn_id=self.ssh_conn_id) as hook:
+            async with asyncio.timeout(CANCEL_TIMEOUT):
+                await hook.acancel(self.job_id)
+
+
+def _ended(job: SlurmJob, conn_id: str) -> str:
+    text = f"ended {job.state}"
+    details = [
+        f"exit code {job.exit_code}" if job.exit_code else None,
+        f"reason {job.reason}" if job.reason else None,
+    ]
+    details = [d for d in details if d]
+    return text + (f" ({', '.join(details)})" if details else "")
+
+
+def _monotonic_deadline(timeout_at: str | None) -> float | None:
+    if not timeout_at:
+        return None
+    moment = datetime.fromisoformat(timeout_at)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return time.monotonic() + (moment - datetime.now(UTC)).total_seconds()
