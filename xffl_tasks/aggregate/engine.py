@@ -1,0 +1,218 @@
+"""The streaming pass: every tensor, chunk by chunk, from the inputs straight into the output files.
+
+Tensors are taken in the previous global model's layout (shard by shard, in data order) and
+looked up by name in each client, however the client is sharded. Each output shard starts with
+the previous shard's header, verbatim (same names, dtypes, shapes, offsets), followed by the
+new bytes of each tensor in order; each server-state file likewise. So one pass reads every
+input once and writes every output once, with a fixed set of buffers: memory depends on the
+chunk size, not on the model's size or the number of clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from xffl_tasks.aggregate.arithmetic import ChunkArithmetic, UpdateStatistics
+from xffl_tasks.aggregate.chunk_loader import ChunkLoader, ChunkTask, Read
+from xffl_tasks.aggregate.files import InputFile, OutputFile
+from xffl_tasks.aggregate.model_folder import ModelFolder, Shard, TensorLocation
+from xffl_tasks.aggregate.server_state import (
+    STATE_FOLDER,
+    ServerState,
+    state_dtype,
+    state_file,
+    state_header,
+)
+from xffl_tasks.aggregate.strategies import Strategy
+
+#: Bytes of buffers the pass may use; the chunk size follows from it.
+DEFAULT_MEMORY_BUDGET = 160 << 20
+MIN_CHUNK_ELEMENTS = 1 << 12
+MAX_CHUNK_ELEMENTS = 1 << 21
+#: Chunks whose buffers circulate between the reader and the arithmetic.
+SLOTS = 3
+
+
+def choose_chunk_elements(
+    *,
+    clients: int,
+    states: int,
+    itemsize: int,
+    scratch_per_client: int = 0,
+    budget: int = DEFAULT_MEMORY_BUDGET,
+) -> int:
+    """Elements per chunk so that every buffer of the pass fits in ``budget`` bytes.
+
+    Per element: ``SLOTS`` read buffers for the previous model, each client (``itemsize``
+    bytes) and each state (4); float32 working copies of the previous model and each client's
+    update, the strategy's scratch, the change, new states and the output.
+    """
+    compute = 4 if itemsize <= 4 else 8
+    per_element = (
+        SLOTS * ((1 + clients) * itemsize + states * compute)
+        + (1 + clients * (1 + scratch_per_client)) * compute
+        + (3 + 2 * states) * compute
+        + itemsize
+    )
+    return max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, budget // per_element))
+
+
+def split(count: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """(first, count) of the chunks covering ``count`` elements (none for an empty tensor)."""
+    for first in range(0, count, chunk):
+        yield first, min(chunk, count - first)
+
+
+@dataclass(frozen=True)
+class StreamOutcome:
+    statistics: UpdateStatistics
+    #: Per folder (previous first, then the clients): its weight files' sha256, by name.
+    input_hashes: list[dict[str, str]]
+    #: The files written (weights and server state): sha256 by relative name.
+    output_hashes: dict[str, str]
+    bytes_read: int
+    bytes_written: int
+
+
+class _Inputs:
+    """The input files, opened once each and named for messages."""
+
+    def __init__(self) -> None:
+        self.files: dict[Path, InputFile] = {}
+        self.owners: dict[Path, tuple[int, str]] = {}
+
+    def get(self, folder: int, label: str, shard: Shard) -> InputFile:
+        if shard.path not in self.files:
+            self.files[shard.path] = InputFile(
+                path=shard.path, header=shard.header.header_bytes, label=f"{label}: {shard.file}"
+            )
+            self.owners[shard.path] = (folder, shard.file)
+        return self.files[shard.path]
+
+    def close(self) -> None:
+        for file in self.files.values():
+            file.close()
+
+
+def _read(
+    inputs: _Inputs, folder: int, label: str, location: TensorLocation, first: int, count: int
+) -> Read:
+    dtype = location.entry.dtype
+    return Read(
+        inputs.get(folder, label, location.shard),
+        location.offset + first * dtype.itemsize,
+        dtype,
+        count,
+    )
+
+
+def stream_aggregate(
+    *,
+    previous: ModelFolder,
+    clients: Sequence[ModelFolder],
+    strategy: Strategy,
+    weights: Sequence[float],
+    state: ServerState | None,
+    rounds: int,
+    stage: Path,
+    chunk_elements: int | None = None,
+) -> StreamOutcome:
+    """Aggregates into ``stage``: the model's shards, and the server state if the strategy keeps one.
+
+    ``weights`` are normalised; ``state`` is the previous round's (None: zeros); ``rounds``
+    goes into the new state's metadata.
+    """
+    order = [entry for shard in previous.shards for entry in shard.header.tensors]
+    shard_of = {entry.name: shard for shard in previous.shards for entry in shard.header.tensors}
+    floating = [entry for entry in order if entry.dtype.floating]
+    states = len(strategy.state_names)
+    itemsize = max((entry.dtype.itemsize for entry in order), default=1)
+    if chunk_elements is None:
+        chunk_elements = choose_chunk_elements(
+            clients=len(clients),
+            states=states,
+            itemsize=itemsize,
+            scratch_per_client=strategy.scratch_per_client,
+        )
+    folders = [previous, *clients]
+    inputs = _Inputs()
+    outputs: dict[str, OutputFile] = {}
+    try:
+        for shard in previous.shards:
+            outputs[shard.file] = OutputFile(
+                path=stage / shard.file,
+                header=shard.header.header_bytes,
+                size=shard.header.file_size,
+            )
+        state_outputs = []
+        if states:
+            (stage / STATE_FOLDER).mkdir()
+            for name in strategy.state_names:
+                header = state_header(strategy, name, floating, rounds)
+                relative = state_file(name)
+                state_outputs.append(
+                    OutputFile(
+                        path=stage / relative, header=header.header_bytes, size=header.file_size
+                    )
+                )
+                outputs[relative] = state_outputs[-1]
+
+        def tasks() -> Iterator[ChunkTask]:
+            for entry in order:
+                locations = [folder.tensors[entry.name] for folder in folders]
+                state_locations = (
+                    state.locations(entry.name) if state and entry.dtype.floating else []
+                )
+                for first, count in split(entry.numel, chunk_elements):
+                    reads = [
+                        _read(inputs, index, folder.label, location, first, count)
+                        for index, (folder, location) in enumerate(zip(folders, locations))
+                    ]
+                    reads += [
+                        _read(inputs, 0, previous.label, location, first, count)
+                        for location in state_locations
+                    ]
+                    if states and entry.dtype.floating and not state:  # the first round: zeros
+                        reads += [Read(None, 0, state_dtype(entry), count) for _ in range(states)]
+                    yield ChunkTask(entry, first, count, tuple(reads))
+
+        compute = 8 if any(entry.dtype.name == "F64" for entry in floating) else 4
+        slot_bytes = [chunk_elements * itemsize] * len(folders) + [
+            chunk_elements * compute
+        ] * states
+        arithmetic = ChunkArithmetic(
+            strategy=strategy,
+            weights=weights,
+            labels=[folder.label for folder in folders],
+            capacity=chunk_elements,
+        )
+        loader = ChunkLoader(tasks=tasks(), slot_bytes=slot_bytes, slots=SLOTS)
+        try:
+            for chunk in loader:
+                model_bytes, state_bytes = arithmetic.apply(chunk)
+                outputs[shard_of[chunk.task.tensor.name].file].write(model_bytes)
+                for output, data in zip(state_outputs, state_bytes):
+                    output.write(data)
+                loader.release(chunk)
+        finally:
+            loader.close()
+        output_hashes = {name: output.close() for name, output in outputs.items()}
+        input_hashes: list[dict[str, str]] = [{} for _ in folders]
+        for path, file in inputs.files.items():
+            folder, name = inputs.owners[path]
+            input_hashes[folder][name] = file.sha256()
+        return StreamOutcome(
+            statistics=arithmetic.statistics,
+            input_hashes=input_hashes,
+            output_hashes=output_hashes,
+            bytes_read=sum(file.bytes_read for file in inputs.files.values()),
+            bytes_written=sum(output.size for output in outputs.values()),
+        )
+    except BaseException:
+        for output in outputs.values():
+            output.abandon()
+        raise
+    finally:
+        inputs.close()
