@@ -10,14 +10,16 @@ chunk size, not on the model's size or the number of clients.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from xffl_tasks.aggregate.arithmetic import ChunkArithmetic, UpdateStatistics
 from xffl_tasks.aggregate.chunk_loader import ChunkLoader, ChunkTask, Read
 from xffl_tasks.aggregate.files import InputFile, OutputFile
-from xffl_tasks.aggregate.model_folder import ModelFolder, Shard, TensorLocation
+from xffl_tasks.aggregate.model_folder import ModelFolder, TensorLocation
 from xffl_tasks.aggregate.server_state import (
     STATE_FOLDER,
     ServerState,
@@ -30,7 +32,7 @@ from xffl_tasks.aggregate.strategies import Strategy
 #: Bytes of buffers the pass may use; the chunk size follows from it.
 DEFAULT_MEMORY_BUDGET = 160 << 20
 MIN_CHUNK_ELEMENTS = 1 << 12
-MAX_CHUNK_ELEMENTS = 1 << 21
+MAX_CHUNK_ELEMENTS = 1 << 18
 #: Chunks whose buffers circulate between the reader and the arithmetic.
 SLOTS = 3
 
@@ -76,36 +78,53 @@ class StreamOutcome:
     bytes_written: int
 
 
+def files_read_in_order(locations: Iterable[TensorLocation]) -> set[str]:
+    """The files that reading whole tensors at ``locations``, in this order, reads front to back."""
+    files: set[str] = set()
+    out_of_order: set[str] = set()
+    last_begin: dict[str, int] = {}
+    for location in locations:
+        file = location.shard.file
+        files.add(file)
+        if location.entry.begin < last_begin.get(file, -1):
+            out_of_order.add(file)
+        last_begin[file] = location.entry.begin
+    return files - out_of_order
+
+
 class _Inputs:
-    """The input files, opened once each and named for messages."""
+    """The input files, each opened once, hashed on the fly or by the background hasher."""
 
     def __init__(self) -> None:
         self.files: dict[Path, InputFile] = {}
         self.owners: dict[Path, tuple[int, str]] = {}
+        self.stop = threading.Event()
+        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aggregate-hash")
 
-    def get(self, folder: int, label: str, shard: Shard) -> InputFile:
-        if shard.path not in self.files:
+    def open(self, folder: int, label: str, locations: Sequence[TensorLocation]) -> None:
+        """Opens the files of ``locations`` (one folder's tensors, in processing order)."""
+        in_order = files_read_in_order(locations)
+        for shard in {location.shard.file: location.shard for location in locations}.values():
             self.files[shard.path] = InputFile(
-                path=shard.path, header=shard.header.header_bytes, label=f"{label}: {shard.file}"
+                path=shard.path,
+                header=shard.header.header_bytes,
+                label=f"{label}: {shard.file}",
+                hash_inline=shard.file in in_order,
+                hasher=self.hasher,
+                stop=self.stop,
             )
             self.owners[shard.path] = (folder, shard.file)
-        return self.files[shard.path]
+
+    def read(self, location: TensorLocation, first: int, count: int) -> Read:
+        dtype = location.entry.dtype
+        file = self.files[location.shard.path]
+        return Read(file, location.offset + first * dtype.itemsize, dtype, count)
 
     def close(self) -> None:
+        self.stop.set()
+        self.hasher.shutdown(wait=True, cancel_futures=True)
         for file in self.files.values():
             file.close()
-
-
-def _read(
-    inputs: _Inputs, folder: int, label: str, location: TensorLocation, first: int, count: int
-) -> Read:
-    dtype = location.entry.dtype
-    return Read(
-        inputs.get(folder, label, location.shard),
-        location.offset + first * dtype.itemsize,
-        dtype,
-        count,
-    )
 
 
 def stream_aggregate(
@@ -159,23 +178,21 @@ def stream_aggregate(
                 )
                 outputs[relative] = state_outputs[-1]
 
+        for index, folder in enumerate(folders):
+            inputs.open(index, folder.label, [folder.tensors[entry.name] for entry in order])
+        if state:
+            for locations in zip(*(state.locations(entry.name) for entry in floating)):
+                inputs.open(0, previous.label, locations)
+
         def tasks() -> Iterator[ChunkTask]:
             for entry in order:
                 locations = [folder.tensors[entry.name] for folder in folders]
-                state_locations = (
-                    state.locations(entry.name) if state and entry.dtype.floating else []
-                )
+                if entry.dtype.floating and state:
+                    locations += state.locations(entry.name)
+                zeros = states if entry.dtype.floating and not state else 0  # the first round
                 for first, count in split(entry.numel, chunk_elements):
-                    reads = [
-                        _read(inputs, index, folder.label, location, first, count)
-                        for index, (folder, location) in enumerate(zip(folders, locations))
-                    ]
-                    reads += [
-                        _read(inputs, 0, previous.label, location, first, count)
-                        for location in state_locations
-                    ]
-                    if states and entry.dtype.floating and not state:  # the first round: zeros
-                        reads += [Read(None, 0, state_dtype(entry), count) for _ in range(states)]
+                    reads = [inputs.read(location, first, count) for location in locations]
+                    reads += [Read(None, 0, state_dtype(entry), count)] * zeros
                     yield ChunkTask(entry, first, count, tuple(reads))
 
         compute = 8 if any(entry.dtype.name == "F64" for entry in floating) else 4

@@ -3,54 +3,82 @@
 hashlib releases the GIL while it hashes a large buffer, so hashing on one thread overlaps
 the arithmetic on another.
 
-An ``InputFile`` is read by offset (``pread``); while the reads come in file order, which they
-do when a folder is laid out like the previous global model, each read also feeds the file's
-sha256, so every input is read once. Reads out of order still work: the hash is then finished
-by one more sequential pass at the end. An ``OutputFile`` is written front to back, header
+An ``InputFile`` is read by offset (``pread``). When the reads come in file order, as they do
+for a folder laid out like the previous global model, each read also feeds the file's sha256,
+so the file is read once. A file read out of order (a client sharded otherwise) is hashed by a
+sequential pass of its own on another thread, from the page cache, while the aggregation runs. An ``OutputFile`` is written front to back, header
 first, hashed as it goes, and fsynced on close.
 """
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
+import threading
+from concurrent.futures import Executor, Future
 from pathlib import Path
 
 from xffl_tasks.aggregate.errors import AggregationError
 
 READ_BLOCK = 8 << 20
+#: Bytes hashed per memory map (a multiple of the page size).
+HASH_WINDOW = 64 << 20
 
 
-def sha256_file(path: Path) -> tuple[str, int]:
-    """The sha256 of a whole file and its size, read in large blocks."""
+def sha256_file(path: Path, stop: threading.Event | None = None) -> tuple[str, int]:
+    """The sha256 of a whole file and its size (``stop`` cuts it short).
+
+    The file is hashed straight from the page cache through read-only memory maps of
+    ``HASH_WINDOW`` bytes, one at a time: no copy into a buffer, and the pages are unmapped
+    (not counted in this process's memory) once hashed.
+    """
     digest = hashlib.sha256()
-    buffer = bytearray(READ_BLOCK)
-    view = memoryview(buffer)
-    size = 0
     with open(path, "rb", buffering=0) as file:
-        while count := file.readinto(buffer):
-            digest.update(view[:count])
-            size += count
+        size = os.fstat(file.fileno()).st_size
+        for offset in range(0, size, HASH_WINDOW):
+            if stop is not None and stop.is_set():
+                raise RuntimeError(f"hashing {path} was stopped")
+            length = min(HASH_WINDOW, size - offset)
+            with mmap.mmap(file.fileno(), length, access=mmap.ACCESS_READ, offset=offset) as window:
+                digest.update(window)
     return digest.hexdigest(), size
 
 
 class InputFile:
-    """A file read by offset, hashed on the fly while reads follow each other in file order.
+    """A file read by offset, and hashed: on the fly, or by a pass of its own on another thread.
+
+    When the reads will follow each other in file order (``hash_inline``), each read feeds the
+    hash. Otherwise ``hasher`` reads and hashes the file on its own, while the reads go on.
 
     :param path: the file.
     :param header: its first bytes, already read and validated (they start the hash).
     :param label: how messages name it, e.g. ``client 'site1': model.safetensors``.
+    :param hasher: runs the separate pass when the file will not be read in order.
+    :param stop: set to cut the separate pass short (on error).
     """
 
-    def __init__(self, *, path: Path, header: bytes, label: str):
+    def __init__(
+        self,
+        *,
+        path: Path,
+        header: bytes,
+        label: str,
+        hash_inline: bool = True,
+        hasher: Executor | None = None,
+        stop: threading.Event | None = None,
+    ):
         self.path = path
         self.label = label
         self._fd = os.open(path, os.O_RDONLY)
         self.size = os.fstat(self._fd).st_size
         self._digest = hashlib.sha256(header)
         self._hashed_to = len(header)
-        self._in_order = True
+        self._in_order = hash_inline
         self.bytes_read = len(header)
+        self._separate: Future | None = None
+        if not hash_inline and hasher is not None:
+            self._separate = hasher.submit(sha256_file, path, stop)
 
     def read_into(self, offset: int, view: memoryview, what: str) -> None:
         """Fills ``view`` with the bytes at ``offset``; ``what`` names them in errors."""
@@ -70,12 +98,14 @@ class InputFile:
             self._in_order = False
 
     def sha256(self) -> str:
-        """The file's sha256: from the reads if they covered it in order, else by one more pass."""
-        if not (self._in_order and self._hashed_to == self.size):
-            digest, size = sha256_file(self.path)
-            self.bytes_read += size
-            return digest
-        return self._digest.hexdigest()
+        """The file's sha256: from the reads if they covered it in order, else by a pass of its own."""
+        if self._in_order and self._hashed_to == self.size:
+            return self._digest.hexdigest()
+        digest, size = (
+            self._separate.result() if self._separate is not None else sha256_file(self.path)
+        )
+        self.bytes_read += size
+        return digest
 
     def close(self) -> None:
         if self._fd >= 0:
