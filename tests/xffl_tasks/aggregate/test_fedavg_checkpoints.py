@@ -18,7 +18,7 @@ from xffl_tasks.aggregate import aggregate
 from xffl_tasks.aggregate.aggregation import run_aggregation
 from xffl_tasks.aggregate.safetensors_format import read_header
 
-MANTISSA_BITS = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
+MANTISSA_BITS = {torch.float8_e4m3fn: 4, torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
 
 
 def ulp(reference: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
