@@ -22,6 +22,9 @@ from xffl_tasks.aggregate.chunk_loader import LoadedChunk
 from xffl_tasks.aggregate.errors import AggregationError
 from xffl_tasks.aggregate.strategies import Strategy
 
+#: Dtypes whose range is narrower than float32's: rounding to them may overflow.
+NARROW_RANGE = frozenset({"F16", "F8_E4M3", "F8_E5M2"})
+
 
 @dataclass
 class UpdateStatistics:
@@ -112,6 +115,11 @@ class ChunkArithmetic:
         dots = torch.mv(updates, change).tolist()
         previous.add_(change)
         output.copy_(previous)
+        if dtype.name in NARROW_RANGE and not bool(torch.isfinite(output.float()).all()):
+            raise AggregationError(
+                f"tensor {task.tensor.name!r}: the new values overflow {dtype.name} "
+                "(server learning rate too large?)"
+            )
         statistics = self.statistics
         for client in range(self.clients):
             statistics.squared_norms[client] += squares[client]
@@ -137,7 +145,7 @@ class ChunkArithmetic:
                 ).item()
 
     def _raise_if_not_finite(self, chunk: LoadedChunk, source: int) -> None:
-        values = chunk.tensor(source)
+        values = chunk.tensor(source).float()  # isfinite has no float8 kernels
         bad = ~torch.isfinite(values)
         if bool(bad.any()):
             position = int(bad.nonzero()[0, 0])

@@ -20,6 +20,7 @@ from xffl_tasks.aggregate.arithmetic import ChunkArithmetic, UpdateStatistics
 from xffl_tasks.aggregate.chunk_loader import ChunkLoader, ChunkTask, Read
 from xffl_tasks.aggregate.files import InputFile, OutputFile
 from xffl_tasks.aggregate.model_folder import ModelFolder, TensorLocation
+from xffl_tasks.aggregate.safetensors_format import SafetensorsHeader
 from xffl_tasks.aggregate.server_state import (
     STATE_FOLDER,
     ServerState,
@@ -93,19 +94,19 @@ def files_read_in_order(locations: Iterable[TensorLocation]) -> set[str]:
 
 
 class _Inputs:
-    """The input files, each opened once, hashed on the fly or by the background hasher."""
+    """The input files, each opened once per folder, hashed on the fly or by the hasher thread."""
 
     def __init__(self) -> None:
-        self.files: dict[Path, InputFile] = {}
-        self.owners: dict[Path, tuple[int, str]] = {}
+        self.files: dict[tuple[int, Path], InputFile] = {}
+        self.names: dict[tuple[int, Path], str] = {}
         self.stop = threading.Event()
         self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aggregate-hash")
 
     def open(self, folder: int, label: str, locations: Sequence[TensorLocation]) -> None:
-        """Opens the files of ``locations`` (one folder's tensors, in processing order)."""
+        """Opens the files of ``locations``: folder ``folder``'s tensors, in processing order."""
         in_order = files_read_in_order(locations)
         for shard in {location.shard.file: location.shard for location in locations}.values():
-            self.files[shard.path] = InputFile(
+            self.files[folder, shard.path] = InputFile(
                 path=shard.path,
                 header=shard.header.header_bytes,
                 label=f"{label}: {shard.file}",
@@ -113,18 +114,60 @@ class _Inputs:
                 hasher=self.hasher,
                 stop=self.stop,
             )
-            self.owners[shard.path] = (folder, shard.file)
+            self.names[folder, shard.path] = shard.file
 
-    def read(self, location: TensorLocation, first: int, count: int) -> Read:
+    def read(self, folder: int, location: TensorLocation, first: int, count: int) -> Read:
         dtype = location.entry.dtype
-        file = self.files[location.shard.path]
+        file = self.files[folder, location.shard.path]
         return Read(file, location.offset + first * dtype.itemsize, dtype, count)
+
+    def hashes(self, folders: int) -> list[dict[str, str]]:
+        """Per folder, the sha256 of each file by its name in the folder."""
+        hashes: list[dict[str, str]] = [{} for _ in range(folders)]
+        for key, file in self.files.items():
+            hashes[key[0]][self.names[key]] = file.sha256()
+        return hashes
 
     def close(self) -> None:
         self.stop.set()
         self.hasher.shutdown(wait=True, cancel_futures=True)
         for file in self.files.values():
             file.close()
+
+
+class _Outputs:
+    """The output files: the model's shards (headers copied) and the new server state."""
+
+    def __init__(self, stage: Path, previous: ModelFolder, strategy: Strategy, rounds: int):
+        self.files: dict[str, OutputFile] = {}
+        self.model: dict[str, OutputFile] = {}
+        self.state: list[OutputFile] = []
+        try:
+            for shard in previous.shards:
+                self.model[shard.file] = self._create(stage, shard.file, shard.header)
+            if strategy.state_names:
+                tensors = [e for s in previous.shards for e in s.header.tensors if e.dtype.floating]
+                (stage / STATE_FOLDER).mkdir()
+                for name in strategy.state_names:
+                    header = state_header(strategy, name, tensors, rounds)
+                    self.state.append(self._create(stage, state_file(name), header))
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _create(self, stage: Path, relative: str, header: SafetensorsHeader) -> OutputFile:
+        output = OutputFile(
+            path=stage / relative, header=header.header_bytes, size=header.file_size
+        )
+        self.files[relative] = output
+        return output
+
+    def close(self) -> dict[str, str]:
+        return {name: output.close() for name, output in self.files.items()}
+
+    def abandon(self) -> None:
+        for output in self.files.values():
+            output.abandon()
 
 
 def stream_aggregate(
@@ -144,8 +187,9 @@ def stream_aggregate(
     goes into the new state's metadata.
     """
     order = [entry for shard in previous.shards for entry in shard.header.tensors]
-    shard_of = {entry.name: shard for shard in previous.shards for entry in shard.header.tensors}
-    floating = [entry for entry in order if entry.dtype.floating]
+    shard_of = {
+        entry.name: shard.file for shard in previous.shards for entry in shard.header.tensors
+    }
     states = len(strategy.state_names)
     itemsize = max((entry.dtype.itemsize for entry in order), default=1)
     if chunk_elements is None:
@@ -157,48 +201,30 @@ def stream_aggregate(
         )
     folders = [previous, *clients]
     inputs = _Inputs()
-    outputs: dict[str, OutputFile] = {}
+    outputs: _Outputs | None = None
     try:
-        for shard in previous.shards:
-            outputs[shard.file] = OutputFile(
-                path=stage / shard.file,
-                header=shard.header.header_bytes,
-                size=shard.header.file_size,
-            )
-        state_outputs = []
-        if states:
-            (stage / STATE_FOLDER).mkdir()
-            for name in strategy.state_names:
-                header = state_header(strategy, name, floating, rounds)
-                relative = state_file(name)
-                state_outputs.append(
-                    OutputFile(
-                        path=stage / relative, header=header.header_bytes, size=header.file_size
-                    )
-                )
-                outputs[relative] = state_outputs[-1]
-
+        outputs = _Outputs(stage, previous, strategy, rounds)
         for index, folder in enumerate(folders):
             inputs.open(index, folder.label, [folder.tensors[entry.name] for entry in order])
         if state:
+            floating = [entry for entry in order if entry.dtype.floating]
             for locations in zip(*(state.locations(entry.name) for entry in floating)):
                 inputs.open(0, previous.label, locations)
 
         def tasks() -> Iterator[ChunkTask]:
             for entry in order:
-                locations = [folder.tensors[entry.name] for folder in folders]
+                locations = [(i, folder.tensors[entry.name]) for i, folder in enumerate(folders)]
                 if entry.dtype.floating and state:
-                    locations += state.locations(entry.name)
+                    locations += [(0, location) for location in state.locations(entry.name)]
                 zeros = states if entry.dtype.floating and not state else 0  # the first round
                 for first, count in split(entry.numel, chunk_elements):
-                    reads = [inputs.read(location, first, count) for location in locations]
+                    reads = [inputs.read(i, location, first, count) for i, location in locations]
                     reads += [Read(None, 0, state_dtype(entry), count)] * zeros
                     yield ChunkTask(entry, first, count, tuple(reads))
 
-        compute = 8 if any(entry.dtype.name == "F64" for entry in floating) else 4
-        slot_bytes = [chunk_elements * itemsize] * len(folders) + [
-            chunk_elements * compute
-        ] * states
+        state_itemsize = 8 if any(e.dtype.name == "F64" for e in order) else 4
+        slot_bytes = [chunk_elements * itemsize] * len(folders)
+        slot_bytes += [chunk_elements * state_itemsize] * states
         arithmetic = ChunkArithmetic(
             strategy=strategy,
             weights=weights,
@@ -209,27 +235,23 @@ def stream_aggregate(
         try:
             for chunk in loader:
                 model_bytes, state_bytes = arithmetic.apply(chunk)
-                outputs[shard_of[chunk.task.tensor.name].file].write(model_bytes)
-                for output, data in zip(state_outputs, state_bytes):
+                outputs.model[shard_of[chunk.task.tensor.name]].write(model_bytes)
+                for output, data in zip(outputs.state, state_bytes):
                     output.write(data)
                 loader.release(chunk)
         finally:
             loader.close()
-        output_hashes = {name: output.close() for name, output in outputs.items()}
-        input_hashes: list[dict[str, str]] = [{} for _ in folders]
-        for path, file in inputs.files.items():
-            folder, name = inputs.owners[path]
-            input_hashes[folder][name] = file.sha256()
+        output_hashes = outputs.close()
         return StreamOutcome(
             statistics=arithmetic.statistics,
-            input_hashes=input_hashes,
+            input_hashes=inputs.hashes(len(folders)),
             output_hashes=output_hashes,
             bytes_read=sum(file.bytes_read for file in inputs.files.values()),
-            bytes_written=sum(output.size for output in outputs.values()),
+            bytes_written=sum(output.size for output in outputs.files.values()),
         )
     except BaseException:
-        for output in outputs.values():
-            output.abandon()
+        if outputs is not None:
+            outputs.abandon()
         raise
     finally:
         inputs.close()

@@ -145,3 +145,12 @@ def test_chunk_boundaries_do_not_change_the_result(family, tmp_path, chunk_eleme
     for a, b in zip(whole["clients"], chunked["clients"]):
         assert a["update_norm"] == pytest.approx(b["update_norm"], rel=1e-6)
         assert a["cosine_to_aggregate"] == pytest.approx(b["cosine_to_aggregate"], abs=1e-6)
+
+
+def test_a_client_that_is_the_previous_model_itself(family, tmp_path):
+    site1 = family.clients["site1"]
+    report = aggregate(family.base, [family.base, site1], tmp_path / "global", weights=[1, 1])
+    assert report["clients"][0]["update_norm"] == 0.0
+    assert report["clients"][0]["cosine_to_aggregate"] is None
+    assert report["clients"][0]["files"] == {p.name: sha256(p) for p in family.base.iterdir()}
+    assert report["previous_files"] == report["clients"][0]["files"]

@@ -6,6 +6,7 @@ Checkpoints written with the reference safetensors library. Starts no process.
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from tests.xffl_tasks.aggregate.test_fedavg_checkpoints import ulp
 from xffl_tasks.aggregate.aggregation import run_aggregation
+from xffl_tasks.aggregate.errors import AggregationError
 
 FLOATING = {
     "bf16": torch.bfloat16,
@@ -69,3 +71,38 @@ def test_mixed_dtypes(tmp_path, chunk_elements):
         assert bool((error <= bound).all()), name
     assert report["tensors_aggregated"] == len(FLOATING)
     assert report["elements_aggregated"] == len(FLOATING) * 37 * 5
+
+
+def test_overflowing_a_narrow_dtype_is_an_error(tmp_path):
+    for name in ("previous", "client"):
+        (tmp_path / name).mkdir()
+    save_file(
+        {"h": torch.full((4,), 60000.0, dtype=torch.float16)},
+        str(tmp_path / "previous" / "model.safetensors"),
+    )
+    save_file(
+        {"h": torch.full((4,), 65000.0, dtype=torch.float16)},
+        str(tmp_path / "client" / "model.safetensors"),
+    )
+    options = {"server_learning_rate": 2.0, "momentum": 0.0}
+    with pytest.raises(AggregationError, match="tensor 'h': the new values overflow F16"):
+        run_aggregation(
+            tmp_path / "previous",
+            [tmp_path / "client"],
+            tmp_path / "out",
+            strategy="fedavgm",
+            weights=[1],
+            options=options,
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["client", "previous"]
+
+
+def test_nan_in_a_float8_tensor_is_named(tmp_path):
+    for name, value in (("previous", 1.0), ("client", math.nan)):
+        (tmp_path / name).mkdir()
+        tensor = torch.tensor([1.0, 2.0, value], dtype=torch.float32).to(torch.float8_e4m3fn)
+        save_file({"q": tensor}, str(tmp_path / name / "model.safetensors"))
+    with pytest.raises(
+        AggregationError, match=r"client 'client': tensor 'q' holds nan at index \[2\]"
+    ):
+        run_aggregation(tmp_path / "previous", [tmp_path / "client"], tmp_path / "out", weights=[1])
