@@ -56,8 +56,16 @@ def parse_options(items: Sequence[str]) -> dict[str, float]:
     return options
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors said in one line like every other error."""
+
+    def error(self, message: str):
+        print(f"{PROG}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Aggregates client model folders (safetensors) into the next global model.",
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ def resolve_names(folders: Sequence[Path], names: Sequence[str] | None) -> list[
 
 def check_weight(name: str, value: object, field: str) -> float:
     """A weight as a float, or an error naming the client unless it is a positive finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise AggregationError(f"client {name!r}: {field} {value!r} is not a number")
     try:
         number = float(value)

@@ -75,3 +75,12 @@ def test_parse_weights_and_options():
     ]:
         with pytest.raises(AggregationError, match=words):
             bad()
+
+
+def test_usage_errors_are_one_line(capsys):
+    from xffl_tasks.aggregate.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--previous", "p", "client"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and "--out" in lines[0]

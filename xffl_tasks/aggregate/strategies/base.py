@@ -12,6 +12,7 @@ module per algorithm; the classes only validate options and call them.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -37,7 +38,7 @@ class OptionSpec:
         return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
     def check(self, strategy: str, value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise AggregationError(
                 f"option {self.name!r} of {strategy} must be a number, got {value!r}"
             )
