@@ -13,11 +13,13 @@ model's shards instead. Then, with the page cache warm, each contender runs in a
 - ours: ``xffl_tasks.aggregate.aggregate`` (fedavg), sha256 of every file and the statistics
   included.
 
-Seconds are measured inside the child around the work only (not the interpreter's start or
-the imports) and the best of ``--repeat`` runs is kept. Peak anonymous memory is the highest
-``RssAnon`` of the child's ``/proc/<pid>/status``, sampled by this process every millisecond
-or so: heap and buffers, not the file pages that mmap or the page cache hold. Prints one JSON
-line; the machine may be shared, and its load is in the line.
+Seconds (wall clock, and CPU seconds of all the child's threads) are measured inside the child
+around the work only, not the interpreter's start or the imports; the best of ``--repeat``
+runs is kept, every run is listed. Peak anonymous memory is the highest ``RssAnon`` of the
+child's ``/proc/<pid>/status``, sampled by this process every millisecond or so: heap and
+buffers, not the file pages that mmap or the page cache hold (``VmRSS``, which counts those
+too, is reported beside it). Prints one JSON line; the machine may be shared: its load average
+before and after is in the line.
 """
 
 from __future__ import annotations
@@ -183,37 +185,43 @@ def child_main(name: str, spec_path: str, out: str) -> None:
     import xffl_tasks.aggregate  # noqa: F401
 
     spec = json.loads(Path(spec_path).read_text())
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     CONTENDERS[name](spec, Path(out))
-    print(json.dumps({"seconds": time.perf_counter() - started}))
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds}))
 
 
-def rss_anon_kib(pid: int) -> int:
+def memory_kib(pid: int) -> tuple[int, int]:
+    """The process's RssAnon and VmRSS (anonymous plus file pages mapped), in KiB."""
+    values = {"RssAnon:": 0, "VmRSS:": 0}
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
+                key = line.split(maxsplit=1)[0]
+                if key in values:
+                    values[key] = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return values["RssAnon:"], values["VmRSS:"]
 
 
-def run_child(name: str, spec_path: Path, out: Path) -> tuple[float, float]:
-    """Runs one contender; returns its seconds and its peak RssAnon in MiB."""
+def run_child(name: str, spec_path: Path, out: Path) -> tuple[dict, float, float]:
+    """Runs one contender; returns its timings (seconds, CPU seconds of all its threads),
+    its peak RssAnon and its peak VmRSS in MiB."""
     command = [sys.executable, __file__, "--child", name, str(spec_path), str(out)]
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     with tempfile.TemporaryFile() as stdout:
         process = subprocess.Popen(command, stdout=stdout, env=env, cwd=REPO)
-        peak = 0
+        peak_anon = peak_rss = 0
         while process.poll() is None:
-            peak = max(peak, rss_anon_kib(process.pid))
+            anon, rss = memory_kib(process.pid)
+            peak_anon, peak_rss = max(peak_anon, anon), max(peak_rss, rss)
             time.sleep(0.001)
         stdout.seek(0)
         text = stdout.read().decode()
     if process.returncode != 0:
         raise SystemExit(f"benchmark: {name} failed with status {process.returncode}")
-    return json.loads(text.strip().splitlines()[-1])["seconds"], peak / 1024
+    return json.loads(text.strip().splitlines()[-1]), peak_anon / 1024, peak_rss / 1024
 
 
 def compare_outputs(ours: Path, naive: Path) -> dict:
@@ -266,12 +274,17 @@ def main() -> None:
         load_before = os.getloadavg()[0]
         run_child("floor", spec_path, root / "warm")  # warms the page cache
         times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+        cpu: dict[str, list[float]] = {name: [] for name in CONTENDERS}
         peaks: dict[str, float] = dict.fromkeys(CONTENDERS, 0.0)
+        peaks_rss: dict[str, float] = dict.fromkeys(CONTENDERS, 0.0)
         for repeat in range(args.repeat):
             for name in CONTENDERS:
                 out = root / f"out-{name}"
-                seconds, peak = run_child(name, spec_path, out)
-                say(f"{name}: {seconds:.2f} s, peak RssAnon {peak:.0f} MiB")
+                seconds, peak, peak_rss = run_child(name, spec_path, out)
+                say(
+                    f"{name}: {seconds:.2f} s, peak RssAnon {peak:.0f} MiB, VmRSS {peak_rss:.0f} MiB"
+                )
+                peaks_rss[name] = max(peaks_rss[name], peak_rss)
                 times[name].append(seconds)
                 peaks[name] = max(peaks[name], peak)
                 if repeat < args.repeat - 1 or name == "floor":
@@ -297,7 +310,10 @@ def main() -> None:
             "ours_peak_anon_mb": round(peaks["ours"]),
             "naive_peak_anon_mb": round(peaks["naive"]),
             "floor_peak_anon_mb": round(peaks["floor"]),
+            "ours_peak_rss_mb": round(peaks_rss["ours"]),
+            "naive_peak_rss_mb": round(peaks_rss["naive"]),
             "runs_s": {name: [round(v, 3) for v in values] for name, values in times.items()},
+            "cpu_s": {name: [round(v, 3) for v in values] for name, values in cpu.items()},
             "ours_vs_naive": agreement,
             "cpus": os.cpu_count(),
             "load_average_before": round(load_before, 2),
