@@ -16,11 +16,12 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from xffl_tasks.aggregate.engine import stream_aggregate
+from xffl_tasks.aggregate.engine import StreamOutcome, stream_aggregate
 from xffl_tasks.aggregate.errors import AggregationError
 from xffl_tasks.aggregate.files import copy_file, sha256_file
 from xffl_tasks.aggregate.model_folder import ModelFolder, check_same_tensors, open_model_folder
@@ -56,6 +57,44 @@ def _torch_threads(count: int) -> Iterator[None]:
 def _other_files(folder: Path, hashed: Mapping[str, str]) -> list[Path]:
     """The folder's top-level regular files that the streaming pass did not read."""
     return [p for p in sorted(folder.iterdir()) if p.is_file() and p.name not in hashed]
+
+
+@dataclass
+class _Files:
+    """Every file's sha256, per folder, and the bytes read and written in all."""
+
+    previous: dict[str, str]
+    clients: list[dict[str, str]]
+    output: dict[str, str]
+    bytes_read: int
+    bytes_written: int
+
+
+def _carry_and_hash_other_files(
+    previous: Path, clients: Sequence[Path], stage: Path, outcome: StreamOutcome
+) -> _Files:
+    """Copies the previous model's other files (config, tokenizer, index) into ``stage`` and
+    hashes the files of every folder that the streaming pass did not read."""
+    files = _Files(
+        dict(outcome.input_hashes[0]),
+        [dict(hashes) for hashes in outcome.input_hashes[1:]],
+        dict(outcome.output_hashes),
+        outcome.bytes_read,
+        outcome.bytes_written,
+    )
+    for path in _other_files(previous, files.previous):
+        if path.name == REPORT_FILE:  # the previous round's report: recorded, not carried over
+            files.previous[path.name], size = sha256_file(path)
+        else:
+            files.previous[path.name], size = copy_file(path, stage / path.name)
+            files.output[path.name] = files.previous[path.name]
+            files.bytes_written += size
+        files.bytes_read += size
+    for folder, hashes in zip(clients, files.clients):
+        for path in _other_files(folder, hashes):
+            hashes[path.name], size = sha256_file(path)
+            files.bytes_read += size
+    return files
 
 
 def _open_clients(
@@ -114,24 +153,7 @@ def run_aggregation(
                 stage=stage,
                 chunk_elements=chunk_elements,
             )
-        bytes_read, bytes_written = outcome.bytes_read, outcome.bytes_written
-        previous_files = dict(outcome.input_hashes[0])
-        output_files = dict(outcome.output_hashes)
-        for path in _other_files(previous, previous_files):
-            if path.name == REPORT_FILE:  # the previous round's report: recorded, not carried over
-                previous_files[path.name], size = sha256_file(path)
-            else:
-                previous_files[path.name], size = copy_file(path, stage / path.name)
-                output_files[path.name] = previous_files[path.name]
-                bytes_written += size
-            bytes_read += size
-        client_files = []
-        for path, hashes in zip(client_paths, outcome.input_hashes[1:]):
-            files = dict(hashes)
-            for other in _other_files(path, files):
-                files[other.name], size = sha256_file(other)
-                bytes_read += size
-            client_files.append(files)
+        files = _carry_and_hash_other_files(previous, client_paths, stage, outcome)
         report = build_report(
             strategy=rule,
             previous=previous,
@@ -140,13 +162,13 @@ def run_aggregation(
             client_paths=client_paths,
             weights=client_weights,
             normalized=normalized,
-            client_files=client_files,
-            previous_files=previous_files,
-            output_files=output_files,
+            client_files=files.clients,
+            previous_files=files.previous,
+            output_files=files.output,
             statistics=outcome.statistics,
             server_state_rounds=rounds,
-            bytes_read=bytes_read,
-            bytes_written=bytes_written,
+            bytes_read=files.bytes_read,
+            bytes_written=files.bytes_written,
             seconds=time.perf_counter() - started,
         )
         with open(stage / REPORT_FILE, "x", encoding="utf-8") as file:
@@ -158,8 +180,8 @@ def run_aggregation(
         out,
         report["seconds"],
         report["global_update_norm"],
-        bytes_read,
-        bytes_written,
+        report["bytes_read"],
+        report["bytes_written"],
     )
     return report
 
