@@ -280,9 +280,12 @@ def main() -> None:
         for repeat in range(args.repeat):
             for name in CONTENDERS:
                 out = root / f"out-{name}"
-                seconds, peak, peak_rss = run_child(name, spec_path, out)
+                timing, peak, peak_rss = run_child(name, spec_path, out)
+                seconds = timing["seconds"]
+                cpu[name].append(timing["cpu_seconds"])
                 say(
-                    f"{name}: {seconds:.2f} s, peak RssAnon {peak:.0f} MiB, VmRSS {peak_rss:.0f} MiB"
+                    f"{name}: {seconds:.2f} s ({timing['cpu_seconds']:.2f} s of CPU), "
+                    f"peak RssAnon {peak:.0f} MiB, VmRSS {peak_rss:.0f} MiB"
                 )
                 peaks_rss[name] = max(peaks_rss[name], peak_rss)
                 times[name].append(seconds)
