@@ -16,7 +16,7 @@ model's shards instead. Then, with the page cache warm, each contender runs in a
 Seconds (wall clock, and CPU seconds of all the child's threads) are measured inside the child
 around the work only, not the interpreter's start or the imports; the best of ``--repeat``
 runs is kept, every run is listed. Peak anonymous memory is the highest ``RssAnon`` of the
-child's ``/proc/<pid>/status``, sampled by this process every millisecond or so: heap and
+child's ``/proc/<pid>/status``, sampled by this process every two milliseconds: heap and
 buffers, not the file pages that mmap or the page cache hold (``VmRSS``, which counts those
 too, is reported beside it). Prints one JSON line; the machine may be shared: its load average
 before and after is in the line.
@@ -216,7 +216,7 @@ def run_child(name: str, spec_path: Path, out: Path) -> tuple[dict, float, float
         while process.poll() is None:
             anon, rss = memory_kib(process.pid)
             peak_anon, peak_rss = max(peak_anon, anon), max(peak_rss, rss)
-            time.sleep(0.001)
+            time.sleep(0.002)
         stdout.seek(0)
         text = stdout.read().decode()
     if process.returncode != 0:

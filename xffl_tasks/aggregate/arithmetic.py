@@ -13,6 +13,7 @@ carried over from the previous model unchanged.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,19 @@ from xffl_tasks.aggregate.strategies import Strategy
 NARROW_RANGE = frozenset({"F16", "F8_E4M3", "F8_E5M2"})
 
 
+@dataclass(frozen=True)
+class ChunkResult:
+    """A chunk's new bytes (model file, each state file) and its share of the statistics."""
+
+    tensor: str
+    model_bytes: memoryview
+    state_bytes: list[memoryview]
+    squares: list[float] | None = None
+    dots: list[float] | None = None
+    change_squared: float = 0.0
+    elements: int = 0
+
+
 @dataclass
 class UpdateStatistics:
     """Sums over every element of every floating tensor, in float64."""
@@ -35,6 +49,17 @@ class UpdateStatistics:
     change_squared: float = 0.0
     elements: int = 0
     tensors: set[str] = field(default_factory=set)
+
+    def add(self, result: ChunkResult) -> None:
+        """Adds a chunk's share (in chunk order, so that the sums do not depend on timing)."""
+        if result.squares is None:
+            return
+        for client, (square, dot) in enumerate(zip(result.squares, result.dots)):
+            self.squared_norms[client] += square
+            self.dots[client] += dot
+        self.change_squared += result.change_squared
+        self.elements += result.elements
+        self.tensors.add(result.tensor)
 
 
 def as_bytes(tensor: torch.Tensor) -> memoryview:
@@ -71,32 +96,33 @@ class ChunkArithmetic:
             dtype: torch.tensor(list(weights), dtype=dtype)
             for dtype in (torch.float32, torch.float64)
         }
-        self._buffers: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._outputs: dict[torch.dtype, torch.Tensor] = {}
-        self.statistics = UpdateStatistics([0.0] * self.clients, [0.0] * self.clients)
+        self._buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._lock = threading.Lock()
 
-    def _work(self, compute: torch.dtype, output: torch.dtype, count: int):
-        if compute not in self._buffers:
-            self._buffers[compute] = (
-                torch.empty(self.capacity, dtype=compute),
-                torch.empty(self.clients * self.capacity, dtype=compute),
-            )
-        if output not in self._outputs:
-            self._outputs[output] = torch.empty(self.capacity, dtype=output)
-        previous, updates = self._buffers[compute]
-        return (
-            previous[:count],
-            updates[: self.clients * count].view(self.clients, count),
-            self._outputs[output][:count],
-        )
+    def _buffer(self, slot: int, dtype: torch.dtype, elements: int) -> torch.Tensor:
+        with self._lock:
+            if (slot, dtype) not in self._buffers:
+                self._buffers[slot, dtype] = torch.empty(elements, dtype=dtype)
+            return self._buffers[slot, dtype]
 
-    def apply(self, chunk: LoadedChunk) -> tuple[memoryview, list[memoryview]]:
-        """The chunk's new bytes for the model file, and for each server-state file."""
+    def _work(self, slot: int, compute: torch.dtype, output: torch.dtype, count: int):
+        """Slot ``slot``'s working buffers: previous values, updates, output (reused)."""
+        work = self._buffer(slot, compute, (1 + self.clients) * self.capacity)
+        previous = work[:count]
+        updates = work[self.capacity : self.capacity + self.clients * count]
+        out = self._buffer(slot, output, self.capacity) if output != compute else None
+        return previous, updates.view(self.clients, count), out[:count] if out is not None else None
+
+    def apply(self, chunk: LoadedChunk) -> ChunkResult:
+        """The chunk's new bytes and its statistics; thread-safe across distinct slots.
+
+        The bytes live in the chunk's slot: valid until the slot is handed back.
+        """
         task = chunk.task
         dtype = task.tensor.dtype
         if not dtype.floating:
-            return chunk.raw(0), []
-        previous, updates, output = self._work(dtype.compute, dtype.torch, task.count)
+            return ChunkResult(task.tensor.name, chunk.raw(0), [])
+        previous, updates, output = self._work(chunk.index, dtype.compute, dtype.torch, task.count)
         previous.copy_(chunk.tensor(0))
         for client in range(self.clients):
             updates[client].copy_(chunk.tensor(1 + client)).sub_(previous)
@@ -114,20 +140,24 @@ class ChunkArithmetic:
             )
         dots = torch.mv(updates, change).tolist()
         previous.add_(change)
-        output.copy_(previous)
+        if output is None:  # the tensor's dtype is the compute dtype
+            output = previous
+        else:
+            output.copy_(previous)
         if dtype.name in NARROW_RANGE and not bool(torch.isfinite(output.float()).all()):
             raise AggregationError(
                 f"tensor {task.tensor.name!r}: the new values overflow {dtype.name} "
                 "(server learning rate too large?)"
             )
-        statistics = self.statistics
-        for client in range(self.clients):
-            statistics.squared_norms[client] += squares[client]
-            statistics.dots[client] += dots[client]
-        statistics.change_squared += change_squared
-        statistics.elements += task.count
-        statistics.tensors.add(task.tensor.name)
-        return as_bytes(output), [as_bytes(s.contiguous()) for s in new_state]
+        return ChunkResult(
+            task.tensor.name,
+            as_bytes(output),
+            [as_bytes(s.contiguous()) for s in new_state],
+            squares,
+            dots,
+            change_squared,
+            task.count,
+        )
 
     def _check_finite(
         self, chunk: LoadedChunk, updates: torch.Tensor, squares: list[float]

@@ -47,9 +47,10 @@ class ChunkTask:
 class LoadedChunk:
     """A chunk's bytes, per source; valid until handed back with ``ChunkLoader.release``."""
 
-    def __init__(self, task: ChunkTask, slot: list[bytearray]):
+    def __init__(self, task: ChunkTask, slot: list[bytearray], index: int):
         self.task = task
         self.slot = slot
+        self.index = index
 
     def raw(self, source: int) -> memoryview:
         return memoryview(self.slot[source])[: self.task.reads[source].nbytes]
@@ -73,20 +74,20 @@ class ChunkLoader:
 
     :param tasks: the chunks, in the order they are wanted (and best, in file order).
     :param slot_bytes: per source, the largest number of bytes one chunk needs.
-    :param slots: how many chunks' buffers circulate (one being read, one waiting, one in use).
+    :param slots: how many chunks' buffers circulate (being read, waiting, computed, written).
     """
 
     def __init__(self, *, tasks: Iterable[ChunkTask], slot_bytes: Sequence[int], slots: int = 3):
         self._tasks = tasks
-        self._free: queue.Queue[list[bytearray]] = queue.Queue()
-        for _ in range(slots):
-            self._free.put([bytearray(size) for size in slot_bytes])
+        self._free: queue.Queue[tuple[int, list[bytearray]]] = queue.Queue()
+        for index in range(slots):
+            self._free.put((index, [bytearray(size) for size in slot_bytes]))
         self._ready: queue.Queue[object] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aggregate-reader", daemon=True)
         self._started = False
 
-    def _take_slot(self) -> list[bytearray] | None:
+    def _take_slot(self) -> tuple[int, list[bytearray]] | None:
         while not self._stop.is_set():
             try:
                 return self._free.get(timeout=0.1)
@@ -97,16 +98,17 @@ class ChunkLoader:
     def _run(self) -> None:
         try:
             for task in self._tasks:
-                slot = self._take_slot()
-                if slot is None:
+                taken = self._take_slot()
+                if taken is None:
                     return
+                index, slot = taken
                 for read, buffer in zip(task.reads, slot):
                     if read.file is None:
                         torch.frombuffer(buffer, dtype=torch.uint8, count=read.nbytes).zero_()
                     else:
                         what = f"tensor {task.tensor.name!r}"
                         read.file.read_into(read.offset, memoryview(buffer)[: read.nbytes], what)
-                self._ready.put(LoadedChunk(task, slot))
+                self._ready.put(LoadedChunk(task, slot, index))
             self._ready.put(_END)
         except BaseException as error:  # noqa: BLE001 (handed to the consumer, raised there)
             self._ready.put(_Failure(error))
@@ -124,7 +126,7 @@ class ChunkLoader:
             yield item
 
     def release(self, chunk: LoadedChunk) -> None:
-        self._free.put(chunk.slot)
+        self._free.put((chunk.index, chunk.slot))
 
     def close(self) -> None:
         """Stops the reader (if still running) and waits for it."""

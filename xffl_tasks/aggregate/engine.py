@@ -11,13 +11,14 @@ chunk size, not on the model's size or the number of clients.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from xffl_tasks.aggregate.arithmetic import ChunkArithmetic, UpdateStatistics
-from xffl_tasks.aggregate.chunk_loader import ChunkLoader, ChunkTask, Read
+from xffl_tasks.aggregate.arithmetic import ChunkArithmetic, ChunkResult, UpdateStatistics
+from xffl_tasks.aggregate.chunk_loader import ChunkLoader, ChunkTask, LoadedChunk, Read
 from xffl_tasks.aggregate.files import InputFile, OutputFile
 from xffl_tasks.aggregate.model_folder import ModelFolder, TensorLocation
 from xffl_tasks.aggregate.safetensors_format import SafetensorsHeader
@@ -34,8 +35,10 @@ from xffl_tasks.aggregate.strategies import Strategy
 DEFAULT_MEMORY_BUDGET = 160 << 20
 MIN_CHUNK_ELEMENTS = 1 << 12
 MAX_CHUNK_ELEMENTS = 1 << 18
-#: Chunks whose buffers circulate between the reader and the arithmetic.
-SLOTS = 3
+#: Threads doing the arithmetic, each on a chunk of its own.
+COMPUTE_THREADS = 2
+#: Chunks whose buffers circulate: one being read, one waiting, the ones being computed.
+SLOTS = COMPUTE_THREADS + 2
 
 
 def choose_chunk_elements(
@@ -48,17 +51,14 @@ def choose_chunk_elements(
 ) -> int:
     """Elements per chunk so that every buffer of the pass fits in ``budget`` bytes.
 
-    Per element: ``SLOTS`` read buffers for the previous model, each client (``itemsize``
-    bytes) and each state (4); float32 working copies of the previous model and each client's
-    update, the strategy's scratch, the change, new states and the output.
+    Per element and per slot: the bytes read for the previous model, each client
+    (``itemsize``) and each state; float32 working copies of the previous model and each
+    client's update, the strategy's scratch, the change, the new states and the output.
     """
     compute = 4 if itemsize <= 4 else 8
-    per_element = (
-        SLOTS * ((1 + clients) * itemsize + states * compute)
-        + (1 + clients * (1 + scratch_per_client)) * compute
-        + (3 + 2 * states) * compute
-        + itemsize
-    )
+    reads = (1 + clients) * itemsize + states * compute
+    work = (1 + clients * (1 + scratch_per_client) + 3 + 2 * states) * compute + itemsize
+    per_element = SLOTS * (reads + work)
     return max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, budget // per_element))
 
 
@@ -231,19 +231,33 @@ def stream_aggregate(
             labels=[folder.label for folder in folders],
             capacity=chunk_elements,
         )
+        statistics = UpdateStatistics([0.0] * len(clients), [0.0] * len(clients))
         loader = ChunkLoader(tasks=tasks(), slot_bytes=slot_bytes, slots=SLOTS)
+        compute = ThreadPoolExecutor(COMPUTE_THREADS, thread_name_prefix="aggregate-compute")
+        pending: deque[tuple[LoadedChunk, Future[ChunkResult]]] = deque()
+
+        def write_oldest() -> None:
+            chunk, future = pending.popleft()
+            result = future.result()
+            outputs.model[shard_of[result.tensor]].write(result.model_bytes)
+            for output, data in zip(outputs.state, result.state_bytes):
+                output.write(data)
+            statistics.add(result)
+            loader.release(chunk)
+
         try:
             for chunk in loader:
-                model_bytes, state_bytes = arithmetic.apply(chunk)
-                outputs.model[shard_of[chunk.task.tensor.name]].write(model_bytes)
-                for output, data in zip(outputs.state, state_bytes):
-                    output.write(data)
-                loader.release(chunk)
+                pending.append((chunk, compute.submit(arithmetic.apply, chunk)))
+                if len(pending) >= COMPUTE_THREADS:
+                    write_oldest()
+            while pending:
+                write_oldest()
         finally:
+            compute.shutdown(wait=True, cancel_futures=True)
             loader.close()
         output_hashes = outputs.close()
         return StreamOutcome(
-            statistics=arithmetic.statistics,
+            statistics=statistics,
             input_hashes=inputs.hashes(len(folders)),
             output_hashes=output_hashes,
             bytes_read=sum(file.bytes_read for file in inputs.files.values()),

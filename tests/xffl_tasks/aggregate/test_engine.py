@@ -25,9 +25,9 @@ def test_split():
 
 def buffer_bytes(chunk: int, clients: int, states: int, itemsize: int) -> int:
     """The buffers the pass holds for ``chunk`` elements, as the engine allocates them."""
-    reads = SLOTS * ((1 + clients) * itemsize + states * 4)
+    reads = (1 + clients) * itemsize + states * 4
     work = (1 + clients) * 4 + (3 + 2 * states) * 4 + itemsize
-    return chunk * (reads + work)
+    return chunk * SLOTS * (reads + work)
 
 
 def test_chunks_shrink_with_clients_so_buffers_stay_in_budget():
