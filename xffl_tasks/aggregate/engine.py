@@ -37,8 +37,11 @@ MIN_CHUNK_ELEMENTS = 1 << 12
 MAX_CHUNK_ELEMENTS = 1 << 18
 #: Threads doing the arithmetic, each on a chunk of its own.
 COMPUTE_THREADS = 2
-#: Chunks whose buffers circulate: one being read, one waiting, the ones being computed.
-SLOTS = COMPUTE_THREADS + 2
+#: Chunks whose buffers circulate: being read, waiting (a few, so that a stage held up for a
+#: moment does not stall the others), being computed.
+SLOTS = COMPUTE_THREADS + 4
+#: Threads hashing the files read out of order, each a file at a time.
+HASH_THREADS = 2
 
 
 def choose_chunk_elements(
@@ -100,7 +103,7 @@ class _Inputs:
         self.files: dict[tuple[int, Path], InputFile] = {}
         self.names: dict[tuple[int, Path], str] = {}
         self.stop = threading.Event()
-        self.hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aggregate-hash")
+        self.hasher = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="aggregate-hash")
 
     def open(self, folder: int, label: str, locations: Sequence[TensorLocation]) -> None:
         """Opens the files of ``locations``: folder ``folder``'s tensors, in processing order."""

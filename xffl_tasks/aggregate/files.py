@@ -23,7 +23,7 @@ from xffl_tasks.aggregate.errors import AggregationError
 
 READ_BLOCK = 8 << 20
 #: Bytes hashed per memory map (a multiple of the page size).
-HASH_WINDOW = 64 << 20
+HASH_WINDOW = 32 << 20
 
 
 def sha256_file(path: Path, stop: threading.Event | None = None) -> tuple[str, int]:
