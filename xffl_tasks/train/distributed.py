@@ -241,11 +241,21 @@ def loss_of(model: torch.nn.Module, batch: torch.Tensor, runtime: Runtime) -> to
         return model(input_ids=batch, labels=batch).loss.float()
 
 
-def set_threads(config: TrainingConfig, environ: dict[str, str]) -> int:
-    """torch's CPU threads: ``threads``, else SLURM_CPUS_PER_TASK, else torch's choice."""
-    threads = config.threads
-    if threads is None and environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
-        threads = int(environ["SLURM_CPUS_PER_TASK"]) or None
+def default_threads(environ: dict[str, str], launch: DistributedLaunch) -> int | None:
+    """Threads per process from Slurm's ``SLURM_CPUS_PER_TASK``: all of them for an srun task,
+    a fair share for each of torchrun's workers (torchrun is the one Slurm task on its node)."""
+    text = environ.get("SLURM_CPUS_PER_TASK", "")
+    if not text.isdigit() or int(text) < 1:
+        return None
+    cpus = int(text)
+    if launch.source == "torchrun":
+        cpus = max(1, cpus // max(1, launch.local_world_size))
+    return cpus
+
+
+def set_threads(config: TrainingConfig, environ: dict[str, str], launch: DistributedLaunch) -> int:
+    """torch's CPU threads: ``threads``, else from SLURM_CPUS_PER_TASK, else torch's choice."""
+    threads = config.threads if config.threads is not None else default_threads(environ, launch)
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()

@@ -157,16 +157,13 @@ def train(
         all_reduce_sum(stats, runtime)
         step_loss = stats[0].item() / (group_tokens * world)
         norm = stats[1].item() / world
-        if not math.isfinite(step_loss):
-            raise DivergedError(
-                f"the training loss became {step_loss} at step {step + 1} (learning rate {optimizer.param_groups[0]['lr']:.3g}); "
-                "lower learning_rate or raise warmup_steps"
-            )
-        if not math.isfinite(norm):
-            raise DivergedError(
-                f"the gradient norm became {norm} at step {step + 1}; lower learning_rate or set max_grad_norm"
-            )
         learning_rate = optimizer.param_groups[0]["lr"]
+        for what, value in (("training loss", step_loss), ("gradient norm", norm)):
+            if not math.isfinite(value):
+                raise DivergedError(
+                    f"the {what} became {value} at step {step + 1} of {plan.total_steps} (learning rate "
+                    f"{learning_rate:.3g}): training diverged; lower learning_rate or raise warmup_steps"
+                )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

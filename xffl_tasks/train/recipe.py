@@ -102,7 +102,7 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
         seq_len=seq_len,
     )
     runtime = distributed.resolve_runtime(config, launch)
-    threads = distributed.set_threads(config, environ)
+    threads = distributed.set_threads(config, environ, launch)
     log.info(
         "training %s on %s: %d training and %d validation sequences of %d tokens, %d steps, "
         "%d process(es) (%s), %s, %s, %d thread(s)",
