@@ -71,9 +71,7 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         raise
 
 
-def write_manifest(
-    round_dir: str | Path, manifest: dict[str, Any], previous: str | Path | None
-) -> Path:
+def write_manifest(round_dir: str | Path, manifest: dict[str, Any], previous: str | Path | None) -> Path:
     """Writes ``round_dir/manifest.json``, linking it to the ``previous`` manifest file by sha256."""
     round_dir = Path(round_dir)
     record = dict(manifest)
@@ -117,9 +115,7 @@ def verify_campaign(campaign_dir: str | Path, *, check_files: bool = True) -> li
             previous_path = path
             continue
         if manifest.get("round") != number:
-            problems.append(
-                f"{folder.name}/{MANIFEST}: records round {manifest.get('round')!r}, not {number}"
-            )
+            problems.append(f"{folder.name}/{MANIFEST}: records round {manifest.get('round')!r}, not {number}")
         recorded = manifest.get("previous_manifest_sha256")
         if previous_path is not None:
             actual = sha256_file(previous_path)
@@ -131,21 +127,15 @@ def verify_campaign(campaign_dir: str | Path, *, check_files: bool = True) -> li
         elif number == 0 and recorded is not None:
             linked = manifest.get("previous_manifest")
             if not linked or not Path(linked).is_file():
-                problems.append(
-                    f"{folder.name}/{MANIFEST}: links to a warm-start manifest {linked!r} that is missing"
-                )
+                problems.append(f"{folder.name}/{MANIFEST}: links to a warm-start manifest {linked!r} that is missing")
             elif sha256_file(linked) != recorded:
-                problems.append(
-                    f"{folder.name}/{MANIFEST}: warm-start manifest {linked} was changed"
-                )
+                problems.append(f"{folder.name}/{MANIFEST}: warm-start manifest {linked} was changed")
         if check_files:
             for relative, digest in (manifest.get("outputs") or {}).items():
                 target = folder / relative
                 if not target.is_file():
                     problems.append(f"{folder.name}: output {relative} is missing")
                 elif sha256_file(target) != digest:
-                    problems.append(
-                        f"{folder.name}: output {relative} does not match its recorded sha256"
-                    )
+                    problems.append(f"{folder.name}: output {relative} does not match its recorded sha256")
         previous_path = path
     return problems

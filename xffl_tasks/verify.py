@@ -13,13 +13,9 @@ from xffl_tasks.manifest import round_dirs, verify_campaign
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m xffl_tasks.verify", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m xffl_tasks.verify", description=__doc__.splitlines()[0])
     parser.add_argument("campaign_dir", help="the campaign folder: <storage>/<campaign>")
-    parser.add_argument(
-        "--no-files", action="store_true", help="check the chain only, not the output files"
-    )
+    parser.add_argument("--no-files", action="store_true", help="check the chain only, not the output files")
     args = parser.parse_args(argv)
     problems = verify_campaign(args.campaign_dir, check_files=not args.no_files)
     if problems:
