@@ -80,5 +80,8 @@ def make_model(tokenizer: Any, spec: TinyModelSpec, *, seed: int) -> Any:
 
 def save_model(model: Any, tokenizer: Any, folder: Path) -> None:
     """Saves the model (safetensors) and the tokenizer into ``folder``."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model.save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))

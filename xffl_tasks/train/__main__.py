@@ -3,7 +3,8 @@
 Fine-tunes a causal LM on local data and writes a Hugging Face model folder (safetensors,
 tokenizer, metrics.json) that appears only complete. Runs alone, under ``torchrun``, or as
 the tasks of an ``srun`` step. Exit status: 0 done; 2 bad input (configuration, model, data,
-launch environment); 1 the training failed (a non-finite loss, an unexpected error). Errors
+launch environment); 1 the training failed (a non-finite loss, an unexpected error); 143
+terminated by SIGTERM (cancelled, out of time; no output is left behind). Errors
 are one line on stderr: ``xffl-train: error: ...``.
 """
 
@@ -12,15 +13,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 from typing import Any
 
 from xffl_tasks.data.corpus import DataError
 from xffl_tasks.launch import LaunchError
+from xffl_tasks.train.checkpoint import one_line
 from xffl_tasks.train.config import (
     FIELDS,
     ConfigError,
+    TrainingConfig,
     TrainingError,
     build_config,
     load_config_file,
@@ -28,17 +32,34 @@ from xffl_tasks.train.config import (
 )
 
 
+class Terminated(TrainingError):
+    """SIGTERM arrived (the job was cancelled or ran out of time)."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    # Raised where the main thread is, so the run's clean-up (no half output) still happens.
+    raise Terminated("terminated by SIGTERM (the job was cancelled or reached its time limit)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m xffl_tasks.train",
         description=__doc__.splitlines()[0].strip("`"),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--config", metavar="JSON", help="a JSON file of the same fields (flags win over it)"
     )
+    defaults = TrainingConfig()
     for spec in FIELDS:
-        extra: dict[str, Any] = {"dest": spec.name, "default": argparse.SUPPRESS, "help": spec.help}
+        default = getattr(defaults, spec.name)
+        shown = f" (default: {default})" if default is not None else ""
+        extra: dict[str, Any] = {
+            "dest": spec.name,
+            "default": argparse.SUPPRESS,
+            "help": spec.help + shown,
+        }
         if spec.kind == "bool":
             parser.add_argument(spec.flag, action=argparse.BooleanOptionalAction, **extra)
         else:
@@ -85,6 +106,14 @@ def _configure_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     label = f"xffl-train{_rank_label()}"
     try:
         config = parse_arguments(argv)
@@ -104,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - the traceback for the log, then one line
         traceback.print_exc()
         print(
-            f"{label}: error: unexpected {type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}",
-            file=sys.stderr,
+            f"{label}: error: unexpected {type(error).__name__}: {one_line(error)}", file=sys.stderr
         )
         return 1
     return 0

@@ -141,7 +141,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec(
         "val_split",
         "float",
-        "fraction of the training sequences held out when there is no validation file",
+        "fraction of the documents held out for validation when there is no validation file",
         minimum=0,
         maximum=0.5,
         exclusive_minimum=True,

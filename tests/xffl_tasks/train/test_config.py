@@ -145,3 +145,11 @@ def test_hyperparameters_leave_out_the_paths():
     config = build_config({"model": "/m", "data": "/d", "out": "/o"}, {"seed": 7})
     assert config.hyperparameters()["seed"] == 7
     assert not {"model", "data", "out"} & set(config.hyperparameters())
+
+
+def test_every_field_is_documented():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[3] / "docs" / "training.md").read_text()
+    missing = [spec.name for spec in FIELDS if f"`{spec.name}`" not in text]
+    assert missing == []

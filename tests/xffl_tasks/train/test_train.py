@@ -2,14 +2,17 @@
 ``torchrun`` with two CPU processes (DDP over gloo, and FSDP2), and on every bad input.
 
 Starts: the training task as subprocesses (one process; ``torchrun`` with two workers, twice),
-each run to its end; the bad-input and format cases run the task's ``main`` in this process.
+each run to its end, and one more stopped by SIGTERM (killed by PID if it outlives the test);
+the bad-input and format cases run the task's ``main`` in this process.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -270,6 +273,36 @@ def test_bad_input_exit_status_from_the_command_line(tiny, tmp_path):
     )
     assert result.stderr.strip().splitlines() == [expected]
     assert not (tmp_path / "out").exists()
+
+
+def test_sigterm_stops_the_run_and_leaves_no_output(tiny, tmp_path):
+    out = tmp_path / "out"
+    argv = [
+        sys.executable,
+        "-m",
+        "xffl_tasks.train",
+        *train_command(tiny, out, *FAST, "--max-steps", "100000", "--threads", "1"),
+    ]
+    process = subprocess.Popen(
+        argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()):
+            assert process.poll() is None and time.monotonic() < deadline, (
+                "the run never started writing"
+            )
+            time.sleep(0.2)
+        time.sleep(2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1].startswith("xffl-train: error: terminated by SIGTERM")
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- formats -----------------------------------------------------------------------------
