@@ -94,6 +94,14 @@ def evaluate(
     return Evaluation(loss / tokens, tokens)
 
 
+def optimizer_implementation(runtime: Runtime) -> dict[str, bool]:
+    """AdamW's kernels: fused on a GPU, foreach on CPUs; the default (foreach over DTensors)
+    under FSDP2. (``fused`` and ``foreach`` cannot both be set.)"""
+    if runtime.parallelism == "fsdp":
+        return {}
+    return {"fused": True} if runtime.device.type == "cuda" else {"foreach": True}
+
+
 def train(
     model: torch.nn.Module,
     sequences: Sequences,
@@ -102,14 +110,12 @@ def train(
     runtime: Runtime,
 ) -> TrainingResult:
     """Runs ``plan.total_steps`` optimizer steps of AdamW with the configured schedule."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        parameters,
+        [p for p in model.parameters() if p.requires_grad],
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         weight_decay=config.weight_decay,
-        foreach=True if runtime.parallelism != "fsdp" else None,
-        fused=True if runtime.device.type == "cuda" and runtime.parallelism != "fsdp" else None,
+        **optimizer_implementation(runtime),
     )
 
     def factor(step: int) -> float:
@@ -123,14 +129,9 @@ def train(
     model.train()
     predicted = sequences.seq_len - 1
     world = runtime.launch.world_size
-    loss_total, last_window, samples, step, epoch, learning_rate = (
-        0.0,
-        [],
-        0,
-        0,
-        0,
-        config.learning_rate,
-    )
+    loss_total, last_window = 0.0, []
+    samples = step = epoch = 0
+    learning_rate = config.learning_rate
     started = time.perf_counter()
     groups: list = []
     while step < plan.total_steps:

@@ -109,10 +109,10 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
         source.path, dataset.description["path"], len(dataset.train), len(dataset.validation), seq_len,
         plan.total_steps, launch.world_size, launch.source, runtime.device, runtime.precision, threads,
     )  # fmt: skip
-    distributed.init_process_group(runtime)
     if launch.is_main:
         output.create()
     try:
+        distributed.init_process_group(runtime)
         model, plain = distributed.build_model(source, config, runtime)
         aliases = alias_groups(plain)
         before = evaluate(model, dataset.validation, runtime, batch_size=config.batch_size)
