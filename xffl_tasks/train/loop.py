@@ -44,6 +44,7 @@ class TrainingResult:
     train_loss: float
     train_loss_last: float
     seconds: float
+    cpu_seconds: float
     learning_rate_last: float
 
 
@@ -132,7 +133,7 @@ def train(
     loss_total, last_window = 0.0, []
     samples = step = epoch = 0
     learning_rate = config.learning_rate
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     groups: list = []
     while step < plan.total_steps:
         if not groups:
@@ -181,6 +182,7 @@ def train(
     if runtime.device.type == "cuda":
         torch.cuda.synchronize(runtime.device)
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     return TrainingResult(
         steps=step,
         num_samples=samples,
@@ -188,5 +190,6 @@ def train(
         train_loss=loss_total / max(step, 1),
         train_loss_last=sum(last_window) / max(len(last_window), 1),
         seconds=seconds,
+        cpu_seconds=cpu_seconds,
         learning_rate_last=float(learning_rate),
     )
