@@ -15,18 +15,22 @@ gradient clipping, fp32 precision and CPU threads:
 Each contender runs in a child process of its own, the two alternating, ``--repeat`` times;
 the seconds are measured inside the child around the training loop only (ours: the loop's own
 clock; Trainer: its ``train_runtime``), not the interpreter start, the imports or the model
-load; the CPU seconds of the child's process over the same span are reported too (on a shared
-machine they are steadier than the wall clock). Tokens per second = steps x batch size x
-sequence length / seconds; the best run of each is kept, every run is listed. Prints one JSON line; the machine may be shared: its load
+load. Tokens per second = steps x batch size x sequence length / seconds; the best run of each
+is kept, every run is listed. Two steadier figures for a shared machine come beside it: the
+tokens of one step over the median step time (time between the ends of successive optimizer
+steps; ours from the loop, Trainer's from a callback at ``on_step_end``), and the tokens per CPU
+second of the child's process over the loop. Prints one JSON line; the machine may be shared: its load
 average before and after is in the line.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,6 +66,7 @@ def child_ours(args: argparse.Namespace) -> dict:
     return {
         "seconds": metrics["seconds"],
         "cpu_seconds": metrics["cpu_seconds"],
+        "step_seconds_median": metrics["step_seconds_median"],
         "tokens": metrics["num_tokens"],
         "train_loss": metrics["train_loss"],
     }
@@ -73,6 +78,7 @@ def child_trainer(args: argparse.Namespace) -> dict:
         AutoModelForCausalLM,
         AutoTokenizer,
         Trainer,
+        TrainerCallback,
         TrainingArguments,
         default_data_collator,
     )
@@ -115,11 +121,21 @@ def child_trainer(args: argparse.Namespace) -> dict:
         disable_tqdm=True,
         seed=0,
     )
+    step_ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_train_begin(self, *args: object, **kwargs: object) -> None:
+            step_ends.append(time.perf_counter())
+
+        def on_step_end(self, *args: object, **kwargs: object) -> None:
+            step_ends.append(time.perf_counter())
+
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=Sequences(),
         data_collator=default_data_collator,
+        callbacks=[StepClock()],
     )
     cpu_started = time.process_time()
     output = trainer.train()
@@ -128,6 +144,7 @@ def child_trainer(args: argparse.Namespace) -> dict:
     return {
         "seconds": output.metrics["train_runtime"],
         "cpu_seconds": cpu_seconds,
+        "step_seconds_median": statistics.median(b - a for a, b in itertools.pairwise(step_ends)),
         "tokens": args.steps * args.batch_size * args.seq_len,
         "train_loss": output.training_loss,
     }
@@ -187,6 +204,11 @@ def main() -> int:
         return run["tokens"] / run[clock]
 
     best = {kind: max(tokens_per_second(r) for r in kind_runs) for kind, kind_runs in runs.items()}
+
+    def step_rate(run: dict) -> float:
+        return args.batch_size * args.seq_len / run["step_seconds_median"]
+
+    best_step = {kind: max(step_rate(r) for r in kind_runs) for kind, kind_runs in runs.items()}
     best_cpu = {
         kind: max(tokens_per_second(r, "cpu_seconds") for r in kind_runs)
         for kind, kind_runs in runs.items()
@@ -204,11 +226,16 @@ def main() -> int:
         "ours_tokens_per_second": round(best["ours"], 1),
         "trainer_tokens_per_second": round(best["trainer"], 1),
         "speedup": round(best["ours"] / best["trainer"], 3),
+        "ours_tokens_per_second_median_step": round(best_step["ours"], 1),
+        "trainer_tokens_per_second_median_step": round(best_step["trainer"], 1),
+        "median_step_speedup": round(best_step["ours"] / best_step["trainer"], 3),
         "ours_tokens_per_cpu_second": round(best_cpu["ours"], 1),
         "trainer_tokens_per_cpu_second": round(best_cpu["trainer"], 1),
         "cpu_speedup": round(best_cpu["ours"] / best_cpu["trainer"], 3),
         "ours_runs": [round(tokens_per_second(r), 1) for r in runs["ours"]],
         "trainer_runs": [round(tokens_per_second(r), 1) for r in runs["trainer"]],
+        "ours_median_step_runs": [round(step_rate(r), 1) for r in runs["ours"]],
+        "trainer_median_step_runs": [round(step_rate(r), 1) for r in runs["trainer"]],
         "ours_cpu_runs": [round(tokens_per_second(r, "cpu_seconds"), 1) for r in runs["ours"]],
         "trainer_cpu_runs": [
             round(tokens_per_second(r, "cpu_seconds"), 1) for r in runs["trainer"]

@@ -4,9 +4,10 @@ A data path is one of:
 
 - a file: ``.jsonl``/``.ndjson`` (one JSON object a line, the text in ``text_field``) or
   ``.txt`` (documents separated by blank lines);
-- a folder of such files (searched recursively, hidden files skipped): files named
-  ``val*``, ``valid*``, ``validation*``, ``dev*`` or ``eval*`` are validation data,
-  ``test*`` files are left alone, every other one is training data;
+- a folder of such files (searched recursively, hidden files skipped): files named ``val``,
+  ``valid``, ``validation``, ``dev`` or ``eval`` (alone or followed by ``.``, ``_`` or ``-``:
+  ``validation.jsonl``, ``val_2.txt``) are validation data, ``test`` files likewise are left
+  alone, every other one is training data;
 - a pre-tokenised folder (it holds ``xffl_tokens.json``, see :mod:`xffl_tasks.data.tokens`).
 
 Every problem is a :class:`DataError` naming the file (and line).

@@ -45,6 +45,7 @@ class TrainingResult:
     train_loss_last: float
     seconds: float
     cpu_seconds: float
+    step_seconds_median: float
     learning_rate_last: float
 
 
@@ -134,6 +135,7 @@ def train(
     samples = step = epoch = 0
     learning_rate = config.learning_rate
     started, cpu_started = time.perf_counter(), time.process_time()
+    step_ends: list[float] = []
     groups: list = []
     while step < plan.total_steps:
         if not groups:
@@ -169,6 +171,7 @@ def train(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        step_ends.append(time.perf_counter())
         step += 1
         loss_total += step_loss
         last_window = (last_window + [step_loss])[-config.log_every :]
@@ -183,6 +186,7 @@ def train(
         torch.cuda.synchronize(runtime.device)
     seconds = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
+    durations = np.diff(np.array([started, *step_ends]))
     return TrainingResult(
         steps=step,
         num_samples=samples,
@@ -191,5 +195,6 @@ def train(
         train_loss_last=sum(last_window) / max(len(last_window), 1),
         seconds=seconds,
         cpu_seconds=cpu_seconds,
+        step_seconds_median=float(np.median(durations)) if len(durations) else 0.0,
         learning_rate_last=float(learning_rate),
     )

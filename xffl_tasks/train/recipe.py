@@ -135,6 +135,7 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
             "steps": result.steps,
             "seconds": result.seconds,
             "cpu_seconds": result.cpu_seconds,
+            "step_seconds_median": result.step_seconds_median,
             "tokens_per_second": result.num_tokens / result.seconds if result.seconds > 0 else 0.0,
             "learning_rate_last": result.learning_rate_last,
             "world_size": launch.world_size,
