@@ -26,6 +26,8 @@ class TransferOptions:
     :param block_size: bytes per SFTP read/write request; lowered to the server's advertised
         limit (261120 on OpenSSH)
     :param max_requests: SFTP requests in flight over the connection, all files together
+    :param channels: SFTP channels opened on the one SSH connection; each file's blocks are
+        spread over them
     :param max_files: files moved at once
     :param retries: how often a lost link is reconnected (and a mismatching file sent again)
         before the transfer fails
@@ -45,6 +47,7 @@ class TransferOptions:
 
     block_size: int = 261120
     max_requests: int = 64
+    channels: int = 4
     max_files: int = 4
     retries: int = 5
     backoff: float = 1.0
@@ -60,7 +63,7 @@ class TransferOptions:
     chunk_size: int = 4 * MIB
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_requests", "max_files", "segment_size", "window", "max_packet", "chunk_size"):
+        for name in ("block_size", "max_requests", "channels", "max_files", "segment_size", "window", "max_packet", "chunk_size"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("retries", self.retries, minimum=0)
         if self.block_size < 1024:

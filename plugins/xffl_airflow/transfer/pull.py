@@ -9,7 +9,6 @@ skipped. Symlinks in the remote folder are followed only when they resolve insid
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import posixpath
@@ -18,13 +17,11 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncssh
-
 from xffl_airflow.transfer.errors import TransferError
 from xffl_airflow.transfer.facility import check_relative_name, is_part_name, part_path
 from xffl_airflow.transfer.local import sha256_file
 from xffl_airflow.transfer.runner import TransferRun, run_all
-from xffl_airflow.transfer.session import FacilitySession
+from xffl_airflow.transfer.session import FacilitySession, close_quietly
 from xffl_airflow.transfer.streams import SourceChanged, receive_file
 
 log = logging.getLogger(__name__)
@@ -184,8 +181,7 @@ class PullRun(TransferRun):
 
     async def receive(self, session: FacilitySession, item: RemoteFile, part: Path, start: int, digest) -> None:
         name = self.facility.name
-        with session.translate("read", item.path):
-            remote = await session.sftp.open(item.path, asyncssh.FXF_READ, encoding=None, block_size=0)
+        remotes = await session.open_file(item.path, write=False)
         try:
             try:
                 fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
@@ -195,7 +191,7 @@ class PullRun(TransferRun):
                 os.ftruncate(fd, start)
                 with session.translate("read", item.path):
                     await receive_file(
-                        remote, fd, start=start, size=item.size, digest=digest, block=session.read_block, flow=self.flow()
+                        remotes, fd, start=start, size=item.size, digest=digest, block=session.read_block, flow=self.flow()
                     )
                 if self.options.fsync:
                     os.fsync(fd)
@@ -207,5 +203,4 @@ class PullRun(TransferRun):
             finally:
                 os.close(fd)
         finally:
-            with contextlib.suppress(asyncssh.Error, OSError):
-                await asyncio.wait_for(remote.close(), 10)
+            await close_quietly(remotes)

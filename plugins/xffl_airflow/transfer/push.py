@@ -8,7 +8,6 @@ reading it here. A file whose final copy already hashes alike is skipped.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import posixpath
@@ -20,7 +19,7 @@ from xffl_airflow.transfer.errors import TransferError
 from xffl_airflow.transfer.facility import part_path
 from xffl_airflow.transfer.local import LocalFile, sha256_file
 from xffl_airflow.transfer.runner import TransferRun, run_all
-from xffl_airflow.transfer.session import FacilitySession
+from xffl_airflow.transfer.session import FacilitySession, close_quietly
 from xffl_airflow.transfer.streams import SourceChanged, send_file
 
 log = logging.getLogger(__name__)
@@ -98,9 +97,8 @@ class PushRun(TransferRun):
         for sending in range(self.options.retries + 1):
             start, digest = await self.resume_point(session, item, part)
             self.moved(start)
-            await self.send(session, item, part, start, digest)
+            theirs = await self.send(session, item, part, start, digest)
             ours = digest.hexdigest()
-            theirs = await session.sha256(part)
             if theirs == ours:
                 await session.replace(part, final)
                 self.report.files[item.relative] = ours
@@ -132,7 +130,8 @@ class PushRun(TransferRun):
             return 0, self.fresh_digest()
         return await self.verified_prefix(session, item.path, part, length)
 
-    async def send(self, session: FacilitySession, item: LocalFile, part: str, start: int, digest) -> None:
+    async def send(self, session: FacilitySession, item: LocalFile, part: str, start: int, digest) -> str:
+        """Sends the file from ``start`` into ``part``; returns the sha256 the facility computed."""
         name = self.facility.name
         try:
             fd = os.open(item.path, os.O_RDONLY)
@@ -140,29 +139,40 @@ class PushRun(TransferRun):
             raise TransferError(name, f"local file {item.path} vanished before it was sent", path=str(item.path)) from None
         except OSError as error:
             raise TransferError(name, f"cannot read local file {item.path}: {error.strerror}", path=str(item.path)) from None
+        hasher = None
         try:
             self.check_unchanged(fd, item, "since the folder was scanned")
-            flags = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | (asyncssh.FXF_TRUNC if start == 0 else 0)
-            with session.translate("write", part):
-                remote = await session.sftp.open(part, flags, encoding=None, block_size=0)
+            remotes = await session.open_file(part, write=True, truncate=start == 0)
             try:
                 with session.translate("write", part):
                     try:
                         if start:
-                            await remote.truncate(start)  # drop the unverified tail
+                            await remotes[0].truncate(start)  # drop the unverified tail
+                        # the facility hashes the file as it lands, so verifying costs no extra time
+                        hasher = await session.start_growing_hash(part)
+                        if hasher is not None:
+                            hasher.advance(start)
                         await send_file(
-                            fd, remote, start=start, size=item.size, digest=digest, block=session.write_block, flow=self.flow()
-                        )
+                            fd, remotes, start=start, size=item.size, digest=digest, block=session.write_block,
+                            flow=self.flow(), settled=hasher.advance if hasher is not None else None,
+                        )  # fmt: skip
                         if self.options.fsync:
-                            await remote.fsync()
+                            await remotes[0].fsync()
                     except asyncssh.SFTPFailure as failure:
                         await self.explain_write_failure(session, part, item, failure.reason)
             except SourceChanged as error:
                 raise TransferError(name, f"local file {item.path} changed while being sent: {error}", path=str(item.path)) from None
             finally:
-                await _close_quietly(remote)
+                await close_quietly(remotes)
             self.check_unchanged(fd, item, "while being sent")
+            if hasher is not None:
+                theirs = await hasher.finish(item.size)
+                hasher = None
+                return theirs
+            return await session.sha256(part)
         finally:
+            if hasher is not None:
+                hasher.abort()
             os.close(fd)
 
     def check_unchanged(self, fd: int, item: LocalFile, when: str) -> None:
@@ -185,8 +195,3 @@ class PushRun(TransferRun):
             path=self.final_path(item),
         )
 
-
-async def _close_quietly(remote: asyncssh.SFTPClientFile) -> None:
-    # the link may be gone, and the handle with it: a failed close changes nothing
-    with contextlib.suppress(asyncssh.Error, OSError):
-        await asyncio.wait_for(remote.close(), 10)

@@ -43,18 +43,20 @@ class FacilitySession:
         self,
         facility: RemoteFacility,
         conn: asyncssh.SSHClientConnection,
-        sftp: asyncssh.SFTPClient,
+        channels: list[asyncssh.SFTPClient],
         options: TransferOptions,
         real_workdir: str,
     ):
         self.facility = facility
         self.conn = conn
-        self.sftp = sftp
+        self.channels = channels
+        self.sftp = channels[0]  # for everything but bulk data
         self.options = options
         self.real_workdir = real_workdir
-        limits = sftp.limits
+        limits = self.sftp.limits
         self.read_block = min(options.block_size, limits.max_read_len or options.block_size)
         self.write_block = min(options.block_size, limits.max_write_len or options.block_size)
+        self.tools = commands.HashTools()
 
     @classmethod
     async def open(cls, facility: RemoteFacility, target: SSHTarget, options: TransferOptions) -> FacilitySession:
@@ -65,20 +67,36 @@ class FacilitySession:
                 raise RetryableFailure(str(error)) from None
             raise TransferError(facility.name, str(error)) from None
         try:
-            sftp = await conn.start_sftp_client()
-            real_workdir = await sftp.realpath(facility.workdir)
+            # Each SFTP channel has its own flow-control window and its own sftp-server process
+            # on the facility: data spread over a few of them keeps more bytes in flight.
+            channels = [await conn.start_sftp_client() for _ in range(options.channels)]
+            real_workdir = await channels[0].realpath(facility.workdir)
         except asyncssh.SFTPNoSuchFile:
             conn.close()
             raise TransferError(facility.name, f"workdir {facility.workdir} does not exist", path=facility.workdir) from None
         except (*LINK_ERRORS, asyncssh.Error) as error:
             conn.close()
             raise RetryableFailure(f"cannot start SFTP: {type(error).__name__}: {error}") from None
-        log.debug("facility %s: SFTP session open, cipher %s", facility.name, conn.get_extra_info("send_cipher"))
-        return cls(facility, conn, sftp, options, real_workdir)
+        session = cls(facility, conn, channels, options, real_workdir)
+        try:
+            session.tools = await session.probe_tools()
+        except BaseException:
+            await session.close()
+            raise
+        return session
+
+    async def probe_tools(self) -> commands.HashTools:
+        """Which hashing tools the facility has (openssl, python3); sha256sum is the fallback."""
+        with self.translate("probe hashing tools on", self.facility.workdir):
+            result = await self.conn.run(commands.PROBE, check=False, timeout=self.options.command_timeout)
+        tools = commands.parse_probe(str(result.stdout or ""))
+        log.debug("facility %s: hashing with %s", self.facility.name, tools)
+        return tools
 
     async def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.sftp.exit()
+        for channel in self.channels:
+            with contextlib.suppress(Exception):
+                channel.exit()
         self.conn.close()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.conn.wait_closed(), 10)
@@ -116,7 +134,7 @@ class FacilitySession:
         return str(result.stdout or "")
 
     async def sha256(self, path: str) -> str:
-        output = await self.run(commands.build_sha256(path), action="hash", path=path)
+        output = await self.run(commands.build_sha256(self.tools, path), action="hash", path=path)
         try:
             return commands.parse_sha256(output, path)
         except ValueError as error:
@@ -124,11 +142,21 @@ class FacilitySession:
 
     async def segment_hashes(self, path: str, length: int) -> list[str]:
         segment = self.options.segment_size
-        output = await self.run(commands.build_segment_hashes(path, length, segment), action="hash segments of", path=path)
+        output = await self.run(
+            commands.build_segment_hashes(self.tools, path, length, segment), action="hash segments of", path=path
+        )
         try:
             return commands.parse_segment_hashes(output, length, segment)
         except ValueError as error:
             raise TransferError(self.facility.name, f"{path}: {error}", path=path) from None
+
+    async def start_growing_hash(self, path: str) -> GrowingHash | None:
+        """A hasher of ``path`` on the facility that follows it as it is written; None without python3."""
+        if not self.tools.python3:
+            return None
+        with self.translate("hash", path):
+            process = await self.conn.create_process(commands.build_growing_hash(path))
+        return GrowingHash(self, process, path)
 
     # paths
 
@@ -178,6 +206,20 @@ class FacilitySession:
                 raise TransferError(self.facility.name, f"{current} exists and is not a folder", path=current)
         await self.confine(path)
 
+    async def open_file(self, path: str, *, write: bool, truncate: bool = False) -> list[asyncssh.SFTPClientFile]:
+        """``path`` opened on every channel (binary, one request per call); creates it for writing."""
+        first = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | (asyncssh.FXF_TRUNC if truncate else 0) if write else asyncssh.FXF_READ
+        rest = asyncssh.FXF_WRITE if write else asyncssh.FXF_READ
+        handles: list[asyncssh.SFTPClientFile] = []
+        try:
+            with self.translate("write" if write else "read", path):
+                for index, channel in enumerate(self.channels):
+                    handles.append(await channel.open(path, rest if index else first, encoding=None, block_size=0))
+        except BaseException:
+            await close_quietly(handles)
+            raise
+        return handles
+
     async def remove(self, path: str) -> None:
         """Removes a file (or a symlink itself); missing is fine."""
         with self.translate("remove", path), contextlib.suppress(asyncssh.SFTPNoSuchFile):
@@ -202,3 +244,49 @@ class FacilitySession:
         except TransferError:
             return None
         return vfs.bavail * vfs.frsize
+
+
+async def close_quietly(handles: list[asyncssh.SFTPClientFile]) -> None:
+    """Closes remote file handles; when the link is gone they went with it, so errors are moot."""
+    for handle in handles:
+        with contextlib.suppress(asyncssh.Error, OSError):
+            await asyncio.wait_for(handle.close(), 10)
+
+
+class GrowingHash:
+    """A ``python3`` process on the facility that hashes a file while it is being written.
+
+    ``advance(offset)`` tells it the file is complete up to ``offset``; ``finish(size)`` returns
+    the sha256 of the first ``size`` bytes, checked to have read exactly that many.
+    """
+
+    def __init__(self, session: FacilitySession, process: asyncssh.SSHClientProcess, path: str):
+        self._session = session
+        self._process = process
+        self._path = path
+
+    def advance(self, offset: int) -> None:
+        if not self._process.stdin.is_closing():
+            self._process.stdin.write(f"{offset}\n")
+
+    async def finish(self, size: int) -> str:
+        session, path = self._session, self._path
+        with session.translate("hash", path):
+            self._process.stdin.write(f"{size}\n")
+            self._process.stdin.write_eof()
+            try:
+                result = await self._process.wait(timeout=session.options.command_timeout)
+            except asyncssh.TimeoutError as error:
+                raise RetryableFailure(f"hashing {path} took over {session.options.command_timeout} s") from error
+        if result.exit_status is None:
+            raise RetryableFailure(f"the hasher of {path} ended without status (signal {result.exit_signal})")
+        if result.exit_status != 0:
+            stderr = str(result.stderr or "").strip()[-500:]
+            raise TransferError(session.facility.name, f"cannot hash {path} (exit {result.exit_status}): {stderr}", path=path)
+        try:
+            return commands.parse_growing_hash(str(result.stdout or ""), size, path)
+        except ValueError as error:
+            raise TransferError(session.facility.name, str(error), path=path) from None
+
+    def abort(self) -> None:
+        self._process.close()

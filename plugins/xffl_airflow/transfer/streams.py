@@ -9,7 +9,9 @@ run in worker threads, in file order, while the event loop keeps the requests fl
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -158,28 +160,43 @@ class OrderedSink:
 
 async def send_file(
     fd: int,
-    remote: asyncssh.SFTPClientFile,
+    remotes: list[asyncssh.SFTPClientFile],
     *,
     start: int,
     size: int,
     digest,
     block: int,
     flow: Flow,
+    settled: Callable[[int], None] | None = None,
+    settled_step: int = 16 << 20,
 ) -> None:
-    """Sends bytes ``start..size`` of local ``fd`` to the open remote file, hashing them in order.
+    """Sends bytes ``start..size`` of local ``fd`` to the remote file, hashing them in order.
 
-    ``digest`` must already have seen bytes ``0..start``. Raises ``SourceChanged`` when the local
-    file ends early; SFTP errors propagate as asyncssh raised them.
+    ``remotes`` are handles of the same remote file on different channels; blocks take them in
+    turn. ``digest`` must already have seen bytes ``0..start``. ``settled(offset)`` is told, every
+    ``settled_step`` bytes or so, up to where the server has acknowledged every write. Raises
+    ``SourceChanged`` when the local file ends early; SFTP errors propagate as asyncssh raised them.
     """
     loop = asyncio.get_running_loop()
     pipeline = RequestPipeline(flow.window)
+    in_order: deque[list] = deque()  # [end, acknowledged] per write, in file order
+    turns = itertools.count()
+    reported = start
 
     def read(offset: int) -> asyncio.Future:
         return loop.run_in_executor(None, read_and_hash, fd, offset, min(flow.chunk_size, size - offset), digest)
 
-    async def write(data: bytes, offset: int) -> None:
+    async def write(remote: asyncssh.SFTPClientFile, data: bytes, offset: int, entry: list) -> None:
+        nonlocal reported
         await remote.write(data, offset)
         flow.on_sent(len(data))
+        entry[1] = True
+        end = None
+        while in_order and in_order[0][1]:
+            end = in_order.popleft()[0]
+        if settled is not None and end is not None and end - reported >= settled_step:
+            reported = end
+            settled(end)
 
     pending = None
     try:
@@ -196,7 +213,12 @@ async def send_file(
                 delay = flow.limiter.delay(len(piece))
                 if delay:
                     await asyncio.sleep(delay)
-                await pipeline.submit(lambda piece=piece, at=position + offset: write(piece, at))
+                entry = [position + offset + len(piece), False]
+                in_order.append(entry)
+                remote = remotes[next(turns) % len(remotes)]
+                await pipeline.submit(
+                    lambda remote=remote, piece=piece, at=position + offset, entry=entry: write(remote, piece, at, entry)
+                )
             position = end
         await pipeline.drain()
     except BaseException:
@@ -207,7 +229,7 @@ async def send_file(
 
 
 async def receive_file(
-    remote: asyncssh.SFTPClientFile,
+    remotes: list[asyncssh.SFTPClientFile],
     fd: int,
     *,
     start: int,
@@ -216,16 +238,18 @@ async def receive_file(
     block: int,
     flow: Flow,
 ) -> None:
-    """Fetches bytes ``start..size`` of the open remote file into local ``fd``, hashing in order.
+    """Fetches bytes ``start..size`` of the remote file into local ``fd``, hashing in order.
 
-    ``digest`` must already have seen bytes ``0..start``. Raises ``SourceChanged`` when the
-    remote file ends early; SFTP errors propagate as asyncssh raised them.
+    ``remotes`` are handles of the same remote file on different channels; blocks take them in
+    turn. ``digest`` must already have seen bytes ``0..start``. Raises ``SourceChanged`` when
+    the remote file ends early; SFTP errors propagate as asyncssh raised them.
     """
     pipeline = RequestPipeline(flow.window)
+    turns = itertools.count()
     sink = OrderedSink(fd, digest, start, flow.chunk_size)
     buffer_limit = 2 * flow.chunk_size + flow.max_requests * block  # what may wait in memory at most
 
-    async def read(offset: int, length: int) -> None:
+    async def read(remote: asyncssh.SFTPClientFile, offset: int, length: int) -> None:
         data = await remote.read(length, offset)
         while len(data) < length:  # a server may return less than asked
             more = await remote.read(length - len(data), offset + len(data))
@@ -242,7 +266,8 @@ async def receive_file(
             delay = flow.limiter.delay(length)
             if delay:
                 await asyncio.sleep(delay)
-            await pipeline.submit(lambda offset=offset, length=length: read(offset, length))
+            remote = remotes[next(turns) % len(remotes)]
+            await pipeline.submit(lambda remote=remote, offset=offset, length=length: read(remote, offset, length))
         await pipeline.drain()
         await sink.finish()
         if size > start and os.fstat(fd).st_size != size:
