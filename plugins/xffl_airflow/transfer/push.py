@@ -149,12 +149,11 @@ class PushRun(TransferRun):
                         if start:
                             await remotes[0].truncate(start)  # drop the unverified tail
                         # the facility hashes the file as it lands, so verifying costs no extra time
-                        hasher = await session.start_growing_hash(part)
-                        if hasher is not None:
-                            hasher.advance(start)
+                        hasher = session.growing_hash(part)
+                        hasher.advance(start)
                         await send_file(
                             fd, remotes, start=start, size=item.size, digest=digest, block=session.write_block,
-                            flow=self.flow(), settled=hasher.advance if hasher is not None else None,
+                            flow=self.flow(), settled=hasher.advance,
                         )  # fmt: skip
                         if self.options.fsync:
                             await remotes[0].fsync()
@@ -165,14 +164,12 @@ class PushRun(TransferRun):
             finally:
                 await close_quietly(remotes)
             self.check_unchanged(fd, item, "while being sent")
-            if hasher is not None:
-                theirs = await hasher.finish(item.size)
-                hasher = None
-                return theirs
-            return await session.sha256(part)
+            theirs = await hasher.finish(item.size)
+            hasher = None
+            return theirs
         finally:
             if hasher is not None:
-                hasher.abort()
+                await hasher.abort()
             os.close(fd)
 
     def check_unchanged(self, fd: int, item: LocalFile, when: str) -> None:

@@ -56,7 +56,8 @@ class FacilitySession:
         limits = self.sftp.limits
         self.read_block = min(options.block_size, limits.max_read_len or options.block_size)
         self.write_block = min(options.block_size, limits.max_write_len or options.block_size)
-        self.tools = commands.HashTools()
+        # which hashing tools the facility has: asked when the session opens, awaited on first use
+        self._probe = asyncio.ensure_future(self._probe_tools())
 
     @classmethod
     async def open(cls, facility: RemoteFacility, target: SSHTarget, options: TransferOptions) -> FacilitySession:
@@ -69,7 +70,7 @@ class FacilitySession:
         try:
             # Each SFTP channel has its own flow-control window and its own sftp-server process
             # on the facility: data spread over a few of them keeps more bytes in flight.
-            channels = [await conn.start_sftp_client() for _ in range(options.channels)]
+            channels = await asyncio.gather(*(conn.start_sftp_client() for _ in range(options.channels)))
             real_workdir = await channels[0].realpath(facility.workdir)
         except asyncssh.SFTPNoSuchFile:
             conn.close()
@@ -77,23 +78,22 @@ class FacilitySession:
         except (*LINK_ERRORS, asyncssh.Error) as error:
             conn.close()
             raise RetryableFailure(f"cannot start SFTP: {type(error).__name__}: {error}") from None
-        session = cls(facility, conn, channels, options, real_workdir)
-        try:
-            session.tools = await session.probe_tools()
-        except BaseException:
-            await session.close()
-            raise
-        return session
+        return cls(facility, conn, list(channels), options, real_workdir)
 
-    async def probe_tools(self) -> commands.HashTools:
-        """Which hashing tools the facility has (openssl, python3); sha256sum is the fallback."""
+    async def _probe_tools(self) -> commands.HashTools:
         with self.translate("probe hashing tools on", self.facility.workdir):
             result = await self.conn.run(commands.PROBE, check=False, timeout=self.options.command_timeout)
         tools = commands.parse_probe(str(result.stdout or ""))
         log.debug("facility %s: hashing with %s", self.facility.name, tools)
         return tools
 
+    async def hash_tools(self) -> commands.HashTools:
+        """What the facility hashes with (openssl, python3; sha256sum otherwise)."""
+        return await asyncio.shield(self._probe)
+
     async def close(self) -> None:
+        self._probe.cancel()
+        await asyncio.gather(self._probe, return_exceptions=True)
         for channel in self.channels:
             with contextlib.suppress(Exception):
                 channel.exit()
@@ -134,7 +134,8 @@ class FacilitySession:
         return str(result.stdout or "")
 
     async def sha256(self, path: str) -> str:
-        output = await self.run(commands.build_sha256(self.tools, path), action="hash", path=path)
+        tools = await self.hash_tools()
+        output = await self.run(commands.build_sha256(tools, path), action="hash", path=path)
         try:
             return commands.parse_sha256(output, path)
         except ValueError as error:
@@ -142,21 +143,18 @@ class FacilitySession:
 
     async def segment_hashes(self, path: str, length: int) -> list[str]:
         segment = self.options.segment_size
+        tools = await self.hash_tools()
         output = await self.run(
-            commands.build_segment_hashes(self.tools, path, length, segment), action="hash segments of", path=path
+            commands.build_segment_hashes(tools, path, length, segment), action="hash segments of", path=path
         )
         try:
             return commands.parse_segment_hashes(output, length, segment)
         except ValueError as error:
             raise TransferError(self.facility.name, f"{path}: {error}", path=path) from None
 
-    async def start_growing_hash(self, path: str) -> GrowingHash | None:
-        """A hasher of ``path`` on the facility that follows it as it is written; None without python3."""
-        if not self.tools.python3:
-            return None
-        with self.translate("hash", path):
-            process = await self.conn.create_process(commands.build_growing_hash(path))
-        return GrowingHash(self, process, path)
+    def growing_hash(self, path: str) -> GrowingHash:
+        """A hasher of ``path`` on the facility that follows the file as it is written."""
+        return GrowingHash(self, path)
 
     # paths
 
@@ -254,28 +252,47 @@ async def close_quietly(handles: list[asyncssh.SFTPClientFile]) -> None:
 
 
 class GrowingHash:
-    """A ``python3`` process on the facility that hashes a file while it is being written.
+    """Hashes a file on the facility while it is being written.
 
-    ``advance(offset)`` tells it the file is complete up to ``offset``; ``finish(size)`` returns
-    the sha256 of the first ``size`` bytes, checked to have read exactly that many.
+    A ``python3`` process there reads the file up to each offset that ``advance`` reports as
+    complete, so the digest is ready moments after the last write. It starts in the background
+    (data flows meanwhile); without python3 on the facility, ``finish`` hashes the whole file
+    with the session's hashing command instead.
     """
 
-    def __init__(self, session: FacilitySession, process: asyncssh.SSHClientProcess, path: str):
+    def __init__(self, session: FacilitySession, path: str):
         self._session = session
-        self._process = process
         self._path = path
+        self._latest: int | None = None
+        self._process: asyncssh.SSHClientProcess | None = None
+        self._starting = asyncio.ensure_future(self._start())
+
+    async def _start(self) -> asyncssh.SSHClientProcess | None:
+        if not (await self._session.hash_tools()).python3:
+            return None
+        with self._session.translate("hash", self._path):
+            self._process = await self._session.conn.create_process(commands.build_growing_hash(self._path))
+        if self._latest is not None:
+            self.advance(self._latest)
+        return self._process
 
     def advance(self, offset: int) -> None:
-        if not self._process.stdin.is_closing():
+        """The file is complete up to ``offset``."""
+        self._latest = offset
+        if self._process is not None and not self._process.stdin.is_closing():
             self._process.stdin.write(f"{offset}\n")
 
     async def finish(self, size: int) -> str:
+        """The sha256 of the file, which has ``size`` bytes and is complete."""
         session, path = self._session, self._path
+        process = await self._starting
+        if process is None:
+            return await session.sha256(path)
         with session.translate("hash", path):
-            self._process.stdin.write(f"{size}\n")
-            self._process.stdin.write_eof()
+            process.stdin.write(f"{size}\n")
+            process.stdin.write_eof()
             try:
-                result = await self._process.wait(timeout=session.options.command_timeout)
+                result = await process.wait(timeout=session.options.command_timeout)
             except asyncssh.TimeoutError as error:
                 raise RetryableFailure(f"hashing {path} took over {session.options.command_timeout} s") from error
         if result.exit_status is None:
@@ -288,5 +305,8 @@ class GrowingHash:
         except ValueError as error:
             raise TransferError(session.facility.name, str(error), path=path) from None
 
-    def abort(self) -> None:
-        self._process.close()
+    async def abort(self) -> None:
+        self._starting.cancel()
+        await asyncio.gather(self._starting, return_exceptions=True)
+        if self._process is not None:
+            self._process.close()
