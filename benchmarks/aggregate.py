@@ -1,0 +1,331 @@
+"""Benchmark: the streaming aggregation against the read floor and the naive way, in one run.
+
+    python benchmarks/aggregate.py --clients 4 --model-mb 1024 --json
+
+Builds synthetic bf16 checkpoints with llama-like tensor shapes in a temporary folder (deleted
+at the end): the previous global model sharded in three files, as a Hub model is; each client a
+single ``model.safetensors`` plus ``metrics.json``, as transformers 5's ``save_pretrained``
+writes it (default shard size 50 GB). ``--client-layout same`` gives clients the previous
+model's shards instead. Then, with the page cache warm, each contender runs in a child process:
+
+- floor: read every input file once into one buffer (what ``cat`` to /dev/null does);
+- naive: safetensors ``load_file`` for every client, a float32 weighted sum, ``save_file``;
+- ours: ``xffl_tasks.aggregate.aggregate`` (fedavg), sha256 of every file and the statistics
+  included.
+
+Seconds (wall clock, and CPU seconds of all the child's threads) are measured inside the child
+around the work only, not the interpreter's start or the imports; the best of ``--repeat``
+runs is kept, every run is listed. Peak anonymous memory is the highest ``RssAnon`` of the
+child's ``/proc/<pid>/status``, sampled by this process every two milliseconds: heap and
+buffers, not the file pages that mmap or the page cache hold (``VmRSS``, which counts those
+too, is reported beside it). Prints one JSON line; the machine may be shared: its load average
+before and after is in the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HIDDEN, INTERMEDIATE, KV_DIM = 2048, 5632, 256
+BF16_BYTES = 2
+
+
+def llama_like_shapes(model_mb: int) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a llama-like model (tied embeddings) of about ``model_mb`` MiB in bf16.
+
+    Hidden size 2048, intermediate 5632, 4 key-value heads of 64 (TinyLlama's shapes); the
+    number of layers and then the vocabulary are sized to reach the target.
+    """
+    target = model_mb * 2**20 // BF16_BYTES
+    layer = {
+        "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+        "self_attn.k_proj.weight": (KV_DIM, HIDDEN),
+        "self_attn.v_proj.weight": (KV_DIM, HIDDEN),
+        "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+        "mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+        "mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+        "mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+        "input_layernorm.weight": (HIDDEN,),
+        "post_attention_layernorm.weight": (HIDDEN,),
+    }
+    per_layer = sum(math.prod(shape) for shape in layer.values())
+    layers = max(1, (target - 8000 * HIDDEN) // per_layer)
+    vocab = max(8000, (target - layers * per_layer - HIDDEN) // HIDDEN)
+    shapes = {"model.embed_tokens.weight": (vocab, HIDDEN)}
+    for index in range(layers):
+        shapes.update({f"model.layers.{index}.{name}": shape for name, shape in layer.items()})
+    shapes["model.norm.weight"] = (HIDDEN,)
+    return shapes
+
+
+def shard_plan(shapes: dict[str, tuple[int, ...]], shards: int) -> list[list[str]]:
+    """Splits the tensors, in model order, into ``shards`` runs of about equal size."""
+    total = sum(math.prod(s) for s in shapes.values())
+    plan, current, size = [], [], 0
+    for name, shape in shapes.items():
+        if current and size + math.prod(shape) > total / shards * (len(plan) + 1):
+            plan.append(current)
+            current = []
+        current.append(name)
+        size += math.prod(shape)
+    return [*plan, current]
+
+
+def save_model(folder: Path, tensors: dict, plan: list[list[str]]) -> None:
+    """Saves like ``save_pretrained``: one file, or shards and an index."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": HIDDEN}))
+    if len(plan) == 1:
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for index, names in enumerate(plan, 1):
+        file = f"model-{index:05d}-of-{len(plan):05d}.safetensors"
+        save_file({n: tensors[n] for n in names}, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def build_checkpoints(root: Path, *, clients: int, model_mb: int, client_layout: str) -> dict:
+    """The previous model and the clients under ``root``; returns the spec the children read."""
+    import torch
+
+    shapes = llama_like_shapes(model_mb)
+    generator = torch.Generator().manual_seed(0)
+    previous = {
+        name: (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        for name, shape in shapes.items()
+    }
+    previous_plan = shard_plan(shapes, 3)
+    save_model(root / "previous", previous, previous_plan)
+    client_plan = previous_plan if client_layout == "same" else [list(shapes)]
+    folders = []
+    for index in range(clients):
+        folder = root / f"client{index}"
+        client = {}
+        for name, tensor in previous.items():
+            noise = torch.randn(tensor.shape, generator=generator).mul_(1e-3 * (index + 1))
+            client[name] = noise.add_(tensor).to(torch.bfloat16)
+            del noise
+        save_model(folder, client, client_plan)
+        del client
+        (folder / "metrics.json").write_text(
+            json.dumps({"num_samples": 1000 * (index + 1), "num_tokens": 0})
+        )
+        folders.append(str(folder))
+    size = sum(p.stat().st_size for p in (root / "previous").glob("*.safetensors"))
+    return {
+        "previous": str(root / "previous"),
+        "clients": folders,
+        "weights": [1000.0 * (i + 1) for i in range(clients)],
+        "model_bytes": size,
+    }
+
+
+# The contenders, each run in a child process: `python benchmarks/aggregate.py --child NAME SPEC OUT`.
+
+
+def child_floor(spec: dict, out: Path) -> None:
+    buffer = bytearray(8 << 20)
+    for folder in [spec["previous"], *spec["clients"]]:
+        for path in sorted(Path(folder).iterdir()):
+            with open(path, "rb", buffering=0) as file:
+                while file.readinto(buffer):
+                    pass
+
+
+def child_naive(spec: dict, out: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    total = sum(spec["weights"])
+    accumulator: dict[str, torch.Tensor] = {}
+    for folder, weight in zip(spec["clients"], spec["weights"]):
+        state = {}
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            state.update(load_file(path))
+        for name, tensor in state.items():
+            if name not in accumulator:
+                accumulator[name] = torch.zeros(tensor.shape, dtype=torch.float32)
+            accumulator[name].add_(tensor, alpha=weight / total)
+        del state
+    out.mkdir()
+    save_file(
+        {n: t.to(torch.bfloat16) for n, t in accumulator.items()}, str(out / "model.safetensors")
+    )
+
+
+def child_ours(spec: dict, out: Path) -> None:
+    from xffl_tasks.aggregate import aggregate
+
+    aggregate(Path(spec["previous"]), [Path(c) for c in spec["clients"]], out)
+
+
+CONTENDERS = {"floor": child_floor, "naive": child_naive, "ours": child_ours}
+
+
+def child_main(name: str, spec_path: str, out: str) -> None:
+    import torch  # imported before the clock starts, by every contender alike
+
+    del torch
+    import xffl_tasks.aggregate  # noqa: F401
+
+    spec = json.loads(Path(spec_path).read_text())
+    started, cpu_started = time.perf_counter(), time.process_time()
+    CONTENDERS[name](spec, Path(out))
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds}))
+
+
+def memory_kib(pid: int) -> tuple[int, int]:
+    """The process's RssAnon and VmRSS (anonymous plus file pages mapped), in KiB."""
+    values = {"RssAnon:": 0, "VmRSS:": 0}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                key = line.split(maxsplit=1)[0]
+                if key in values:
+                    values[key] = int(line.split()[1])
+    except OSError:
+        pass
+    return values["RssAnon:"], values["VmRSS:"]
+
+
+def run_child(name: str, spec_path: Path, out: Path) -> tuple[dict, float, float]:
+    """Runs one contender; returns its timings (seconds, CPU seconds of all its threads),
+    its peak RssAnon and its peak VmRSS in MiB."""
+    command = [sys.executable, __file__, "--child", name, str(spec_path), str(out)]
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    with tempfile.TemporaryFile() as stdout:
+        process = subprocess.Popen(command, stdout=stdout, env=env, cwd=REPO)
+        peak_anon = peak_rss = 0
+        while process.poll() is None:
+            anon, rss = memory_kib(process.pid)
+            peak_anon, peak_rss = max(peak_anon, anon), max(peak_rss, rss)
+            time.sleep(0.002)
+        stdout.seek(0)
+        text = stdout.read().decode()
+    if process.returncode != 0:
+        raise SystemExit(f"benchmark: {name} failed with status {process.returncode}")
+    return json.loads(text.strip().splitlines()[-1]), peak_anon / 1024, peak_rss / 1024
+
+
+def compare_outputs(ours: Path, naive: Path) -> dict:
+    """Tensor by tensor: how many elements of ours and naive's outputs differ, and by how much."""
+    from safetensors import safe_open
+
+    naive_file = safe_open(str(naive / "model.safetensors"), "pt")
+    differing, worst, elements = 0, 0.0, 0
+    for path in sorted(ours.glob("model*.safetensors")):
+        with safe_open(str(path), "pt") as file:
+            for name in file.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                a, b = file.get_tensor(name).float(), naive_file.get_tensor(name).float()
+                differing += int((a != b).sum())
+                worst = max(worst, float((a - b).abs().max()))
+                elements += a.numel()
+    return {"elements": elements, "differing_elements": differing, "max_abs_difference": worst}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--model-mb", type=int, default=1024)
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="runs per contender; the best is kept"
+    )
+    parser.add_argument("--client-layout", choices=["single", "same"], default="single")
+    parser.add_argument("--workdir", default=None, help="where the temporary checkpoints go")
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(*args.child)
+        return
+    say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    workdir = Path(args.workdir or tempfile.gettempdir())
+    needed = (args.clients + 3) * args.model_mb * 2**20 * 1.1
+    free = shutil.disk_usage(workdir).free
+    if free < needed:
+        raise SystemExit(
+            f"benchmark: {workdir} has {free >> 20} MiB free, {int(needed) >> 20} MiB needed"
+        )
+    root = Path(tempfile.mkdtemp(prefix="xffl-aggregate-bench.", dir=workdir))
+    try:
+        say(f"building {args.clients} clients of {args.model_mb} MiB in {root}")
+        spec = build_checkpoints(
+            root, clients=args.clients, model_mb=args.model_mb, client_layout=args.client_layout
+        )
+        spec_path = root / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        load_before = os.getloadavg()[0]
+        run_child("floor", spec_path, root / "warm")  # warms the page cache
+        times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+        cpu: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+        peaks: dict[str, float] = dict.fromkeys(CONTENDERS, 0.0)
+        peaks_rss: dict[str, float] = dict.fromkeys(CONTENDERS, 0.0)
+        for repeat in range(args.repeat):
+            for name in CONTENDERS:
+                out = root / f"out-{name}"
+                timing, peak, peak_rss = run_child(name, spec_path, out)
+                seconds = timing["seconds"]
+                cpu[name].append(timing["cpu_seconds"])
+                say(
+                    f"{name}: {seconds:.2f} s ({timing['cpu_seconds']:.2f} s of CPU), "
+                    f"peak RssAnon {peak:.0f} MiB, VmRSS {peak_rss:.0f} MiB"
+                )
+                peaks_rss[name] = max(peaks_rss[name], peak_rss)
+                times[name].append(seconds)
+                peaks[name] = max(peaks[name], peak)
+                if repeat < args.repeat - 1 or name == "floor":
+                    shutil.rmtree(out, ignore_errors=True)
+        agreement = compare_outputs(root / "out-ours", root / "out-naive")
+        best = {name: min(values) for name, values in times.items()}
+        result = {
+            "benchmark": "aggregate",
+            "strategy": "fedavg",
+            "clients": args.clients,
+            "model_mb": round(spec["model_bytes"] / 2**20),
+            "client_layout": args.client_layout,
+            "input_bytes": sum(
+                p.stat().st_size
+                for f in [spec["previous"], *spec["clients"]]
+                for p in Path(f).iterdir()
+            ),
+            "floor_s": round(best["floor"], 3),
+            "naive_s": round(best["naive"], 3),
+            "ours_s": round(best["ours"], 3),
+            "ours_over_floor": round(best["ours"] / best["floor"], 2),
+            "naive_over_floor": round(best["naive"] / best["floor"], 2),
+            "ours_peak_anon_mb": round(peaks["ours"]),
+            "naive_peak_anon_mb": round(peaks["naive"]),
+            "floor_peak_anon_mb": round(peaks["floor"]),
+            "ours_peak_rss_mb": round(peaks_rss["ours"]),
+            "naive_peak_rss_mb": round(peaks_rss["naive"]),
+            "runs_s": {name: [round(v, 3) for v in values] for name, values in times.items()},
+            "cpu_s": {name: [round(v, 3) for v in values] for name, values in cpu.items()},
+            "ours_vs_naive": agreement,
+            "cpus": os.cpu_count(),
+            "load_average_before": round(load_before, 2),
+            "load_average_after": round(os.getloadavg()[0], 2),
+        }
+        print(json.dumps(result))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Model transfer throughput: ours against OpenSSH's sftp and Airflow's SFTPHook, in one run.
+
+    python benchmarks/transfer.py --size-mb 1024 --json
+
+Starts its own local facility (sshd on a loopback port, host key pinned: needs root, as
+`make test` does), writes one file of random bytes, and on that same file times, end to end
+(connection set-up included):
+
+- ours: ``xffl_airflow.transfer.push`` and ``pull`` with default tuning, sha256 verification on
+  both sides and the atomic rename included;
+- OpenSSH: ``sftp -b - -B 261120 -R 64`` put and get (its default cipher);
+- Airflow: ``SFTPHook.store_file`` and ``retrieve_file`` with defaults, once per direction
+  (it is an order of magnitude slower).
+
+Ours and OpenSSH alternate ``--repeat`` times (who goes first alternates too) and the medians
+are reported; every single figure is in ``runs``. One JSON line on stdout. MB/s are 10**6
+bytes per second. The destination is removed before each run, so nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "plugins")]
+
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="xffl-bench-airflow."))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+from xffl_testbed.facilities import Facility, Testbed  # noqa: E402
+
+OPENSSH_OPTIONS = ["-B", "261120", "-R", "64"]
+
+
+def write_random_file(path: Path, size_mb: int) -> None:
+    with open(path, "wb") as f:
+        for _ in range(size_mb):
+            f.write(os.urandom(1 << 20))
+
+
+def timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+def openssh_batch(facility: Facility, commands: str) -> None:
+    subprocess.run(
+        ["sftp", "-q", "-b", "-", *OPENSSH_OPTIONS,
+         "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+         "-o", f"UserKnownHostsFile={facility.known_hosts_file()}",
+         "-i", facility.client_key, "-P", str(facility.ssh_port), f"{facility.user}@{facility.host}"],
+        input=commands, text=True, check=True, capture_output=True, timeout=3600,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mb", type=int, default=1024, help="size of the file moved, MiB (default 1024)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of ours and OpenSSH per direction (default 3)")
+    parser.add_argument("--skip-sftphook", action="store_true", help="leave Airflow's SFTPHook out")
+    parser.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = parser.parse_args(argv)
+    if args.size_mb < 1 or args.repeat < 1:
+        parser.error("--size-mb and --repeat must be positive")
+    logging.basicConfig(level=logging.WARNING if args.json else logging.INFO)
+    if args.json:
+        logging.getLogger("asyncssh").setLevel(logging.WARNING)
+
+    from xffl_airflow.transfer import RemoteFacility, pull, push
+
+    loadavg_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="xffl-bench-transfer."))
+    bed = Testbed.up(1, names=["bench"])
+    try:
+        facility = bed.facilities[0]
+        os.environ[f"AIRFLOW_CONN_{facility.conn_id.upper()}"] = json.dumps(facility.connection)
+        site = RemoteFacility(name=facility.name, conn_id=facility.conn_id, workdir=facility.workdir)
+        source = work / "model"
+        source.mkdir()
+        name = "model.bin"
+        write_random_file(source / name, args.size_mb)
+        size = (source / name).stat().st_size
+        remote_dir = f"{facility.workdir}/bench"
+        remote_file = f"{remote_dir}/{name}"
+        back = work / "back"
+
+        def clean_remote() -> None:
+            facility.ssh(f"rm -rf {remote_dir} && mkdir -p {remote_dir}")
+
+        def clean_local() -> None:
+            shutil.rmtree(back, ignore_errors=True)
+            back.mkdir()
+
+        def ours_put() -> float:
+            clean_remote()
+            return timed(lambda: push(source, site, "bench"))
+
+        def ours_get() -> float:
+            clean_local()
+            return timed(lambda: pull(site, "bench", back))
+
+        def openssh_put() -> float:
+            clean_remote()
+            return timed(lambda: openssh_batch(facility, f"put {source / name} {remote_file}\n"))
+
+        def openssh_get() -> float:
+            clean_local()
+            return timed(lambda: openssh_batch(facility, f"get {remote_file} {back / name}\n"))
+
+        runs: dict[str, list[float]] = {key: [] for key in ("ours_put", "openssh_put", "ours_get", "openssh_get")}
+        # a first copy on the facility for the gets; each put replaces it with the same bytes
+        push(source, site, "bench")
+        for rep in range(args.repeat):
+            order = [("ours", "openssh"), ("openssh", "ours")][rep % 2]
+            for direction, actions in (("put", (ours_put, openssh_put)), ("get", (ours_get, openssh_get))):
+                by_name = dict(zip(("ours", "openssh"), actions))
+                for who in order:
+                    runs[f"{who}_{direction}"].append(round(size / by_name[who]() / 1e6, 1))
+            logging.info("repetition %d: %s", rep + 1, {k: v[-1] for k, v in runs.items()})
+
+        if not args.skip_sftphook:
+            from airflow.providers.sftp.hooks.sftp import SFTPHook
+
+            hook = SFTPHook(ssh_conn_id=facility.conn_id)
+            clean_remote()
+            runs["sftphook_put"] = [round(size / timed(lambda: hook.store_file(remote_file, str(source / name))) / 1e6, 1)]
+            clean_local()
+            runs["sftphook_get"] = [round(size / timed(lambda: hook.retrieve_file(remote_file, str(back / name))) / 1e6, 1)]
+            hook.close_conn()
+    finally:
+        bed.down(purge=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+    result: dict[str, object] = {"benchmark": "transfer", "size_mb": args.size_mb, "repeat": args.repeat}
+    for key, values in runs.items():
+        result[f"{key}_mbps"] = statistics.median(values)
+    result["put_ratio"] = round(result["ours_put_mbps"] / result["openssh_put_mbps"], 3)
+    result["get_ratio"] = round(result["ours_get_mbps"] / result["openssh_get_mbps"], 3)
+    result["runs"] = runs
+    result["cpus"] = os.cpu_count()
+    result["loadavg_before"] = [round(x, 2) for x in loadavg_before]
+    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

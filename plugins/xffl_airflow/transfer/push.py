@@ -1,0 +1,194 @@
+"""Push: a local model folder to a folder in a facility's workdir.
+
+Each file goes to ``.NAME.xffl-part`` beside its final name, is hashed by ``sha256sum`` on the
+facility, and is renamed over the final name only when that matches the sha256 computed while
+reading it here. A file whose final copy already hashes alike is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import posixpath
+import stat
+
+import asyncssh
+
+from xffl_airflow.transfer.errors import TransferError
+from xffl_airflow.transfer.facility import part_path
+from xffl_airflow.transfer.local import LocalFile, sha256_file
+from xffl_airflow.transfer.runner import TransferRun, run_all
+from xffl_airflow.transfer.session import FacilitySession, close_quietly
+from xffl_airflow.transfer.streams import SourceChanged, send_file
+
+log = logging.getLogger(__name__)
+
+
+class PushRun(TransferRun):
+    """Sends ``files`` (scanned from ``local_dir``) to ``remote_dir`` on the facility."""
+
+    direction = "push"
+
+    def __init__(self, *, files: list[LocalFile], **kwargs):
+        super().__init__(**kwargs)
+        self.files = files
+        self.report.bytes_total = sum(f.size for f in files)
+
+    def final_path(self, item: LocalFile) -> str:
+        return posixpath.join(self.remote_dir, item.relative)
+
+    async def attempt(self, session: FacilitySession) -> None:
+        todo = [f for f in self.files if f.relative not in self.report.files]
+        for folder in sorted({self.remote_dir} | {posixpath.dirname(self.final_path(f)) for f in todo}):
+            await session.make_dirs(folder)
+        inspected = await run_all([lambda f=f: self.inspect(session, f) for f in todo], self.options.max_files)
+        to_send = [(f, part) for f, (skip, part) in zip(todo, inspected) if not skip]
+        self.start_progress(sum(f.size for f, _ in to_send))
+        await self.check_space(session, to_send)
+        await run_all([lambda f=f: self.push_file(session, f) for f, _ in to_send], self.options.max_files)
+
+    async def inspect(self, session: FacilitySession, item: LocalFile) -> tuple[bool, int]:
+        """Whether the facility already holds this file (same sha256), and the size of its
+        unfinished copy if there is one."""
+        final = self.final_path(item)
+        part = await session.lstat(part_path(final))
+        part_size = (part.size or 0) if part is not None and stat.S_ISREG(part.permissions or 0) else 0
+        attrs = await session.lstat(final)
+        if attrs is None:
+            return False, part_size
+        if stat.S_ISLNK(attrs.permissions or 0):
+            await session.confine(final)
+            attrs = await session.stat(final)
+        if stat.S_ISDIR(attrs.permissions or 0):
+            raise TransferError(self.facility.name, f"{final} is a folder, where {item.path} should go", path=final)
+        if not self.options.skip_unchanged or attrs.size != item.size:
+            return False, part_size
+        loop = asyncio.get_running_loop()
+        local = loop.run_in_executor(None, sha256_file, item.path, self.options.chunk_size)
+        try:
+            remote = await session.sha256(final)
+        finally:
+            digest = await local
+        if remote != digest:
+            log.info("%s: %s differs there (sha256 %s there, %s here): sending it", self.label, item.relative, remote, digest)
+            return False, part_size
+        self.report.files[item.relative] = digest
+        self.report.files_skipped += 1
+        self.report.bytes_skipped += item.size
+        log.info("%s: %s is already there (sha256 %s): skipped", self.label, item.relative, digest)
+        return True, part_size
+
+    async def check_space(self, session: FacilitySession, to_send: list[tuple[LocalFile, int]]) -> None:
+        need = sum(max(0, f.size - part) for f, part in to_send)
+        if not need:
+            return
+        free = await session.free_bytes(self.remote_dir)
+        if free is not None and free < need:
+            raise TransferError(
+                self.facility.name,
+                f"not enough space at {self.remote_dir}: {need} bytes to write, {free} free",
+                path=self.remote_dir,
+            )
+
+    async def push_file(self, session: FacilitySession, item: LocalFile) -> None:
+        final = self.final_path(item)
+        part = part_path(final)
+        for sending in range(self.options.retries + 1):
+            start, digest = await self.resume_point(session, item, part)
+            self.moved(start)
+            theirs = await self.send(session, item, part, start, digest)
+            ours = digest.hexdigest()
+            if theirs == ours:
+                await session.replace(part, final)
+                self.report.files[item.relative] = ours
+                log.info("%s: %s verified (sha256 %s) and in place", self.label, item.relative, ours)
+                return
+            self.moved(-item.size)
+            self.report.retries += 1
+            log.warning(
+                "%s: %s arrived with sha256 %s, expected %s (try %d of %d); sending again from its verified prefix",
+                self.label, item.relative, theirs, ours, sending + 1, self.options.retries + 1,
+            )  # fmt: skip
+        await session.remove(part)
+        raise TransferError(
+            self.facility.name,
+            f"{final}: the copy still hashes differently after {self.options.retries + 1} tries "
+            f"(sha256 {ours} here, {theirs} there)",
+            path=final,
+        )
+
+    async def resume_point(self, session: FacilitySession, item: LocalFile, part: str) -> tuple[int, object]:
+        attrs = await session.lstat(part)
+        if attrs is None:
+            return 0, self.fresh_digest()
+        if not stat.S_ISREG(attrs.permissions or 0):
+            await session.remove(part)  # a symlink or other oddity under our name: never follow it
+            return 0, self.fresh_digest()
+        length = min(attrs.size or 0, item.size)
+        if length == 0:
+            return 0, self.fresh_digest()
+        return await self.verified_prefix(session, item.path, part, length)
+
+    async def send(self, session: FacilitySession, item: LocalFile, part: str, start: int, digest) -> str:
+        """Sends the file from ``start`` into ``part``; returns the sha256 the facility computed."""
+        name = self.facility.name
+        try:
+            fd = os.open(item.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise TransferError(name, f"local file {item.path} vanished before it was sent", path=str(item.path)) from None
+        except OSError as error:
+            raise TransferError(name, f"cannot read local file {item.path}: {error.strerror}", path=str(item.path)) from None
+        hasher = None
+        try:
+            self.check_unchanged(fd, item, "since the folder was scanned")
+            remotes = await session.open_file(part, write=True, truncate=start == 0)
+            try:
+                with session.translate("write", part):
+                    try:
+                        if start:
+                            await remotes[0].truncate(start)  # drop the unverified tail
+                        # the facility hashes the file as it lands, so verifying costs no extra time
+                        hasher = session.growing_hash(part)
+                        hasher.advance(start)
+                        await send_file(
+                            fd, remotes, start=start, size=item.size, digest=digest, block=session.write_block,
+                            flow=self.flow(), settled=hasher.advance,
+                        )  # fmt: skip
+                        if self.options.fsync:
+                            await remotes[0].fsync()
+                    except asyncssh.SFTPFailure as failure:
+                        await self.explain_write_failure(session, part, item, failure.reason)
+            except SourceChanged as error:
+                raise TransferError(name, f"local file {item.path} changed while being sent: {error}", path=str(item.path)) from None
+            finally:
+                await close_quietly(remotes)
+            self.check_unchanged(fd, item, "while being sent")
+            theirs = await hasher.finish(item.size)
+            hasher = None
+            return theirs
+        finally:
+            if hasher is not None:
+                await hasher.abort()
+            os.close(fd)
+
+    def check_unchanged(self, fd: int, item: LocalFile, when: str) -> None:
+        info = os.fstat(fd)
+        if (info.st_size, info.st_mtime_ns) != (item.size, item.mtime_ns):
+            raise TransferError(
+                self.facility.name,
+                f"local file {item.path} changed {when} ({info.st_size} bytes now, {item.size} before)",
+                path=str(item.path),
+            )
+
+    async def explain_write_failure(self, session: FacilitySession, part: str, item: LocalFile, reason: str) -> None:
+        """A failed SFTP write is mostly a full disk or quota: say so, and free the space taken."""
+        await session.remove(part)
+        free = await session.free_bytes(posixpath.dirname(part))
+        raise TransferError(
+            self.facility.name,
+            f"writing {part} failed ({reason or 'failure'}); {free if free is not None else 'unknown'} bytes free "
+            f"there for the {item.size} bytes of {item.relative}: is the disk full or over quota?",
+            path=self.final_path(item),
+        )
+

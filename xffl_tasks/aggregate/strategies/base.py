@@ -1,0 +1,93 @@
+"""What every strategy is: typed options, a rule combining client updates, a server step.
+
+A strategy sees one chunk of one tensor at a time: ``updates`` is a ``[clients, n]`` tensor of
+client-minus-previous differences (float32, or float64 for F64 tensors), ``weights`` the
+clients' normalised weights. ``combine`` turns them into one update (the pseudo-gradient,
+negated); ``step`` turns that into the change applied to the global model, reading and
+returning the server-optimiser state for the same elements. Every rule is element-wise, so
+chunking a tensor anywhere gives the same result. The math lives in pure functions, one
+module per algorithm; the classes only validate options and call them.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from xffl_tasks.aggregate.errors import AggregationError
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One hyperparameter: its default and the interval it must lie in."""
+
+    name: str
+    default: float
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    help: str = ""
+
+    def interval(self) -> str:
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+    def check(self, strategy: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise AggregationError(
+                f"option {self.name!r} of {strategy} must be a number, got {value!r}"
+            )
+        number = float(value)
+        below = number < self.low or (self.low_open and number == self.low)
+        above = number > self.high or (self.high_open and number == self.high)
+        if not math.isfinite(number) or below or above:
+            raise AggregationError(
+                f"option {self.name!r} of {strategy} must be in {self.interval()}, got {value!r}"
+            )
+        return number
+
+
+class Strategy:
+    """Base of the strategies; subclasses set the class attributes and the two rules.
+
+    :param options: hyperparameters by name (see ``option_specs``); missing ones default.
+    :param num_clients: how many clients the round aggregates.
+    """
+
+    name: ClassVar[str]
+    option_specs: ClassVar[tuple[OptionSpec, ...]] = ()
+    #: Names of the server-optimiser state tensors kept per model tensor (one file each).
+    state_names: ClassVar[tuple[str, ...]] = ()
+    #: Whether the client weights enter the rule (the robust rules ignore them).
+    weighted: ClassVar[bool] = True
+    #: Scratch tensors of ``[clients, n]`` the rule allocates per chunk (for the memory budget).
+    scratch_per_client: ClassVar[int] = 0
+
+    def __init__(self, *, options: Mapping[str, float] | None = None, num_clients: int):
+        options = dict(options or {})
+        known = {spec.name: spec for spec in self.option_specs}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            accepted = ", ".join(known) or "none"
+            raise AggregationError(
+                f"option {unknown[0]!r} is not an option of {self.name} (accepted: {accepted})"
+            )
+        self.options = {
+            name: spec.check(self.name, options.get(name, spec.default))
+            for name, spec in known.items()
+        }
+        self.num_clients = num_clients
+
+    def combine(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(
+        self, combined: torch.Tensor, state: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The change to apply to the global model, and the new state (none by default)."""
+        return combined, ()

@@ -1,0 +1,75 @@
+"""FedAdam (Reddi et al., 2021, "Adaptive Federated Optimization"): Adam on the server."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from xffl_tasks.aggregate.strategies.base import OptionSpec, Strategy
+from xffl_tasks.aggregate.strategies.fedavg import weighted_mean
+
+#: The options FedAdam and FedYogi share; defaults as in Reddi et al. (tau 1e-3), with a
+#: server learning rate small enough for fine-tuning a large model.
+ADAPTIVE_OPTIONS = (
+    OptionSpec(
+        "server_learning_rate", 1e-2, 0.0, 1e3, low_open=True, help="eta, the server step size"
+    ),
+    OptionSpec("beta1", 0.9, 0.0, 1.0, high_open=True, help="decay of the first moment"),
+    OptionSpec("beta2", 0.99, 0.0, 1.0, high_open=True, help="decay of the second moment"),
+    OptionSpec(
+        "tau",
+        1e-3,
+        0.0,
+        1.0,
+        low_open=True,
+        help="adaptivity: added to the root of the second moment",
+    ),
+)
+
+
+def adaptive_change(
+    first_moment: torch.Tensor,
+    second_moment: torch.Tensor,
+    *,
+    server_learning_rate: float,
+    tau: float,
+) -> torch.Tensor:
+    """``server_learning_rate * m / (sqrt(v) + tau)``."""
+    return first_moment * server_learning_rate / second_moment.sqrt().add_(tau)
+
+
+def adam_step(
+    update: torch.Tensor,
+    first_moment: torch.Tensor,
+    second_moment: torch.Tensor,
+    *,
+    server_learning_rate: float,
+    beta1: float,
+    beta2: float,
+    tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One FedAdam step: ``m = b1 m + (1-b1) d``, ``v = b2 v + (1-b2) d^2``; returns the change, m, v.
+
+    ``d`` (``update``) is the clients' weighted mean of (client - previous). No bias
+    correction, as in the paper.
+    """
+    first = torch.lerp(first_moment, update, 1.0 - beta1)
+    second = torch.lerp(second_moment, update * update, 1.0 - beta2)
+    change = adaptive_change(first, second, server_learning_rate=server_learning_rate, tau=tau)
+    return change, first, second
+
+
+class FedAdam(Strategy):
+    name = "fedadam"
+    option_specs = ADAPTIVE_OPTIONS
+    state_names = ("first_moment", "second_moment")
+
+    def combine(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return weighted_mean(updates, weights)
+
+    def step(
+        self, combined: torch.Tensor, state: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        change, first, second = adam_step(combined, *state, **self.options)
+        return change, (first, second)

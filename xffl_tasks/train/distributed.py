@@ -1,0 +1,261 @@
+"""The process group, the device, and how the model is spread over the processes.
+
+- one process: the model as it is, on the CPU or one GPU;
+- DDP (``DistributedDataParallel``) over gloo on CPUs (or NCCL when asked for on GPUs);
+- FSDP2 (``fully_shard``) on GPUs: each decoder layer and then the root sharded, bf16
+  compute with fp32 reductions. The model is built on the meta device on every rank, rank 0
+  alone reads the checkpoint, and the weights reach the others by broadcast, so a node does
+  not hold one full copy per GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from xffl_tasks.launch import DistributedLaunch, export_launch
+from xffl_tasks.train.checkpoint import ModelFolder, load_model
+from xffl_tasks.train.config import ConfigError, TrainingConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how this process trains."""
+
+    launch: DistributedLaunch
+    device: torch.device
+    precision: str  # fp32 | bf16
+    parallelism: str  # none | ddp | fsdp
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.precision == "bf16" else None
+
+
+def resolve_runtime(config: TrainingConfig, launch: DistributedLaunch) -> Runtime:
+    """Picks device, precision and parallelism from the config and what this machine has."""
+    has_cuda = torch.cuda.is_available()
+    if config.device == "cuda" and not has_cuda:
+        raise ConfigError("device: cuda was asked for, but no GPU is visible to this process")
+    if config.device == "cuda" or (config.device == "auto" and has_cuda):
+        count = torch.cuda.device_count()
+        # srun --gpus-per-task (or a GPU binding) may leave one visible GPU per task.
+        device = torch.device("cuda", launch.local_rank % count)
+    else:
+        device = torch.device("cpu")
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("precision: bf16 was asked for, but this GPU does not support bfloat16")
+    if launch.world_size == 1:
+        parallelism = "none"
+    elif config.parallelism == "auto":
+        parallelism = "fsdp" if device.type == "cuda" else "ddp"
+    else:
+        parallelism = config.parallelism
+    return Runtime(launch, device, precision, parallelism)
+
+
+def init_process_group(runtime: Runtime) -> None:
+    if runtime.launch.world_size == 1:
+        return
+    export_launch(runtime.launch, os.environ)
+    if runtime.device.type == "cuda":
+        torch.cuda.set_device(runtime.device)
+        backend = "cuda:nccl,cpu:gloo"
+    else:
+        backend = "gloo"
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        device_id=runtime.device if runtime.device.type == "cuda" else None,
+    )
+    log.info(
+        "process group up: rank %d of %d (%s), master %s:%d",
+        runtime.launch.rank, runtime.launch.world_size, backend, runtime.launch.master_addr, runtime.launch.master_port,
+    )  # fmt: skip
+
+
+def close_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.launch.world_size > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    if runtime.launch.world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_flag(value: bool, runtime: Runtime) -> bool:
+    """Rank 0's ``value`` on every rank (e.g. whether rank 0 saved the output)."""
+    if runtime.launch.world_size == 1:
+        return value
+    flag = torch.tensor([1 if value else 0], dtype=torch.int32, device=_collective_device(runtime))
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def _collective_device(runtime: Runtime) -> torch.device:
+    return runtime.device if runtime.device.type == "cuda" else torch.device("cpu")
+
+
+def _layers_to_shard(model: torch.nn.Module) -> list[torch.nn.Module]:
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+def build_model(
+    source: ModelFolder, config: TrainingConfig, runtime: Runtime
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """``(model to train, the plain model inside it)``, loaded and placed for ``runtime``."""
+    if runtime.parallelism == "fsdp":
+        return _build_fsdp(source, config, runtime)
+    model = load_model(source)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.to(runtime.device)
+    if runtime.parallelism == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids), model
+    return model, model
+
+
+def _build_fsdp(
+    source: ModelFolder, config: TrainingConfig, runtime: Runtime
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    full = load_model(source) if runtime.launch.is_main else None
+    model_config = AutoConfig.from_pretrained(str(source.path), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    mesh = init_device_mesh(runtime.device.type, (runtime.launch.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=runtime.compute_dtype, reduce_dtype=torch.float32)
+    for layer in _layers_to_shard(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.to_empty(device=runtime.device)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(
+        model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    )
+    # Buffers (the rotary frequencies...) are not sharded and most are not in the state dict:
+    # rank 0's loaded values reach everyone.
+    for name, buffer in model.named_buffers():
+        value = (
+            full.get_buffer(name).to(runtime.device)
+            if full is not None
+            else torch.empty_like(buffer)
+        )
+        dist.broadcast(value, src=0)
+        buffer.copy_(value)
+    del full, state
+    return model, model
+
+
+def reshard(model: torch.nn.Module, runtime: Runtime) -> None:
+    """After forward passes with no backward (validation), puts FSDP2's parameters back into
+    their sharded form. The root module keeps its parameters gathered after a forward pass
+    (its backward would need them at once); left so, ``model.parameters()`` would hand the
+    optimizer the gathered copies instead of the shards, and training would silently stall."""
+    if runtime.parallelism != "fsdp":
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def accumulation_context(
+    model: torch.nn.Module, runtime: Runtime, *, sync: bool
+) -> AbstractContextManager:
+    """Skips the gradient reduction on all but the last micro-batch of a step."""
+    if runtime.parallelism == "ddp" and not sync:
+        return model.no_sync()
+    if runtime.parallelism == "fsdp":
+        model.set_requires_gradient_sync(sync)
+    return nullcontext()
+
+
+def autocast(runtime: Runtime) -> AbstractContextManager:
+    """bf16 autocast where the wrapper does not cast itself (FSDP2 does, by its policy)."""
+    if runtime.compute_dtype is None or runtime.parallelism == "fsdp":
+        return nullcontext()
+    return torch.autocast(device_type=runtime.device.type, dtype=runtime.compute_dtype)
+
+
+def full_state_dict(
+    model: torch.nn.Module, plain: torch.nn.Module, runtime: Runtime
+) -> dict[str, Any] | None:
+    """The whole model's tensors on rank 0's CPU (a collective under FSDP); None elsewhere."""
+    if runtime.parallelism == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return state if runtime.launch.is_main else None
+    if not runtime.launch.is_main:
+        return None
+    return {name: tensor.detach().to("cpu") for name, tensor in plain.state_dict().items()}
+
+
+def grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clips the gradients to ``max_norm`` (0: no clipping) and returns their total norm."""
+    limit = max_norm if max_norm > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in model.parameters() if p.grad is not None], limit
+    )
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm
+
+
+def loss_of(model: torch.nn.Module, batch: torch.Tensor, runtime: Runtime) -> torch.Tensor:
+    with autocast(runtime):
+        return model(input_ids=batch, labels=batch).loss.float()
+
+
+def default_threads(environ: dict[str, str], launch: DistributedLaunch) -> int | None:
+    """Threads per process from Slurm's ``SLURM_CPUS_PER_TASK``: all of them for an srun task,
+    a fair share for each of torchrun's workers (torchrun is the one Slurm task on its node)."""
+    text = environ.get("SLURM_CPUS_PER_TASK", "")
+    if not text.isdigit() or int(text) < 1:
+        return None
+    cpus = int(text)
+    if launch.source == "torchrun":
+        cpus = max(1, cpus // max(1, launch.local_world_size))
+    return cpus
+
+
+def set_threads(config: TrainingConfig, environ: dict[str, str], launch: DistributedLaunch) -> int:
+    """torch's CPU threads: ``threads``, else from SLURM_CPUS_PER_TASK, else torch's choice."""
+    threads = config.threads if config.threads is not None else default_threads(environ, launch)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
