@@ -315,6 +315,12 @@ class AirflowInstance:
         content = answer.get("content", [])
         if isinstance(content, str):
             return content
-        return "\n".join(
-            (item.get("event", "") if isinstance(item, dict) else str(item)) for item in content
-        )
+        lines = []
+        for item in content:
+            if not isinstance(item, dict):
+                lines.append(str(item))
+                continue
+            lines.append(str(item.get("event", "")))
+            for detail in item.get("error_detail") or []:  # an exception's type and message
+                lines.append(f"{detail.get('exc_type')}: {detail.get('exc_value')}")
+        return "\n".join(lines)

@@ -141,7 +141,7 @@ def test_three_round_campaign_chains_converges_and_verifies(airflow_instance, te
     first = ti_states(airflow, dag_id, "xffl__e2e__round-0000")
     assert first["site1.train"]["try_number"] == 2 and first["site2.train"]["try_number"] == 1
     log = airflow.task_log(dag_id, "xffl__e2e__round-0000", "site1.train", try_number=1)
-    assert "exit code 3" in log.lower() or "exitcode=3" in log.lower().replace(" ", "") or "3:0" in log, log[-3000:]
+    assert "SlurmJobFailed" in log and "exit code 3:0" in log and "injected failure" in log, log[-3000:]
 
     assert (storage / "e2e" / "report.png").stat().st_size > 5000
     verify = [sys.executable, "-m", "xffl_tasks.verify", str(storage / "e2e")]
