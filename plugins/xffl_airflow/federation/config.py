@@ -85,6 +85,16 @@ class FacilityConfig(_Strict):
                 raise ValueError("each preamble entry must be a single line")
         return lines
 
+    @model_validator(mode="after")
+    def _sbatch(self) -> FacilityConfig:
+        from xffl_airflow.slurm.options import SbatchOptions
+
+        try:
+            SbatchOptions.from_dict({**self.sbatch, "preamble": self.preamble}, field_prefix="sbatch")
+        except ValueError as error:
+            raise ValueError(str(error)) from None
+        return self
+
     @property
     def connection_id(self) -> str:
         return self.conn_id or f"facility_{self.name}"
@@ -112,6 +122,15 @@ class TrainingConfig(_Strict):
                 raise ValueError(f"{key}: hyperparameter names are lower_snake_case")
             if not isinstance(value, (int, float, str, bool)) or value is None:
                 raise ValueError(f"{key}: must be a number, string or boolean, got {type(value).__name__}")
+        if self.command is None:
+            # the training task's own field table (no torch): a misspelt or ill-typed
+            # hyperparameter fails here, before any job is submitted
+            from xffl_airflow.training_job import TrainingJobError, hyperparameter_arguments
+
+            try:
+                hyperparameter_arguments(self.hyperparameters)
+            except (TrainingJobError, ValueError) as error:
+                raise ValueError(str(error).removeprefix("hyperparameters: ")) from None
         return self
 
     @property

@@ -59,6 +59,11 @@ def test_defaults_and_connection_ids():
         ({"training": {"command": "{python} {nope}"}}, "unknown placeholder(s) ['nope']"),
         ({"training": {"learning_rate": [1, 2]}}, "learning_rate: must be a number"),
         ({"storage": "relative"}, "storage: must be an absolute path"),
+        ({"facilities": [{"name": "a", "workdir": "/w", "data": "/d", "sbatch": {"partition": "a;b"}}]}, "facilities[0]: sbatch.partition"),
+        ({"facilities": [{"name": "a", "workdir": "/w", "data": "/d", "sbatch": {"nodes": 0}}]}, "facilities[0]: sbatch.nodes"),
+        ({"facilities": [{"name": "a", "workdir": "/w", "data": "/d", "sbatch": {"extra": ["--output=/tmp/x"]}}]}, "sbatch.extra[0]"),
+        ({"training": {"learnig_rate": 0.1}}, "training: learnig_rate: unknown field"),
+        ({"training": {"max_steps": "many"}}, "training: max_steps"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, change, message):
