@@ -9,6 +9,8 @@ session, and stop them by PID at the end:
 - ``airflow_db``: the metadata database of the session's AIRFLOW_HOME, migrated once.
 - ``airflow_instance``: api-server, scheduler, dag-processor and triggerer on that home, with
   the facilities' connections; DAG files are installed into its dags folder per test.
+- ``postgres``: a PostgreSQL server of its own (``xffl_testbed.postgres``) on a loopback port;
+  ``airflow_on_postgres``: a second Airflow, on that database, with a triggerer of its own.
 """
 
 from __future__ import annotations
@@ -101,3 +103,37 @@ def install_dag(airflow_instance):
         return airflow_instance
 
     return install
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL for the session (initdb, own data folder, loopback port), stopped by PID."""
+    from xffl_testbed.postgres import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def airflow_on_postgres(postgres, testbed, tmp_path_factory):
+    """A real Airflow (api-server, scheduler, dag-processor, triggerer) on the session's PostgreSQL."""
+    from xffl_testbed.airflow_instance import AirflowInstance
+
+    home = tmp_path_factory.mktemp("airflow-on-postgres")
+    dags = home / "dags"
+    dags.mkdir()
+    signals = home / "signals"
+    signals.mkdir()
+    instance = AirflowInstance(
+        home,
+        dags_folder=dags,
+        env={**testbed.airflow_env(), "XFFL_FACILITY_PYTHON": facility_python(), "XFFL_OUTAGE_SIGNALS": str(signals)},
+        sql_alchemy_conn=postgres.url,
+        parallelism=8,
+    )
+    instance.migrate()
+    instance.start(timeout=240)
+    try:
+        yield instance
+    finally:
+        instance.stop()

@@ -180,6 +180,16 @@ class AirflowInstance:
         self.processes.clear()
         self._write_pids()
 
+    def restart_exited(self) -> list[str]:
+        """Starts again every component whose process exited (what compose's restart policy or
+        systemd does, e.g. after the metadata database came back); returns their names."""
+        restarted = []
+        for component, process in list(self.processes.items()):
+            if process.poll() is not None:
+                self.start_component(component)
+                restarted.append(component)
+        return restarted
+
     def pids(self) -> dict[str, int]:
         return {name: p.pid for name, p in self.processes.items()}
 

@@ -10,6 +10,7 @@ tests and the round-overhead benchmark.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -19,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import yaml
 
 from xffl_testbed.airflow_instance import AirflowError, AirflowInstance
 from xffl_testbed.facilities import Facility
 
 DAG_FILE = Path(__file__).resolve().parent.parent / "dags" / "xffl_federation.py"
+log = logging.getLogger(__name__)
 
 
 def make_tiny(out: Path, *, seed: int = 0) -> Path:
@@ -111,6 +114,15 @@ def install_federation_dag(dags_folder: Path, config: Path, *, name: str) -> Pat
     return path
 
 
+def start_campaign(airflow: AirflowInstance, config: Path, campaign: str, *, timeout: float = 180) -> str:
+    """Installs the federation DAG of ``config``, waits for it, triggers round 0; the DAG id."""
+    install_federation_dag(airflow.dags_folder, config, name=campaign)
+    dag_id = f"xffl_{campaign.replace('-', '_')}"
+    airflow.wait_for_dag(dag_id, timeout=timeout)
+    airflow.trigger(dag_id, run_id=f"xffl__{campaign}__round-0000", conf={"round": 0})
+    return dag_id
+
+
 def campaign_runs(airflow: AirflowInstance, dag_id: str, campaign: str) -> list[dict]:
     prefix = f"xffl__{campaign}__round-"
     return sorted((r for r in airflow.dag_runs(dag_id) if r["dag_run_id"].startswith(prefix)), key=lambda r: r["dag_run_id"])
@@ -125,15 +137,28 @@ def wait_for_campaign(
     timeout: float = 1800,
     on_poll: Callable[[list[dict]], None] | None = None,
     poll: float = 1.0,
+    supervise: bool = False,
 ) -> list[dict]:
     """Waits until the campaign's last round ended (its manifest says stop) or a round failed.
 
     Returns the round runs in order. ``on_poll`` sees the runs at every poll (for progress
-    output or for sampling task states while jobs run).
+    output or for sampling task states while jobs run). With ``supervise``, Airflow components
+    that exited are started again and an API that does not answer is waited for, as a process
+    supervisor would (for database outages).
     """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = campaign_runs(airflow, dag_id, campaign)
+        if supervise:
+            for component in airflow.restart_exited():
+                log.warning("Airflow %s had exited; started it again", component)
+        try:
+            runs = campaign_runs(airflow, dag_id, campaign)
+        except (AirflowError, httpx.HTTPError) as error:
+            if not supervise:
+                raise
+            log.warning("Airflow API not answering (%s); waiting", str(error)[:200])
+            time.sleep(poll)
+            continue
         if on_poll:
             on_poll(runs)
         if runs:

@@ -157,35 +157,7 @@ def test_stop_leaves_nothing_running_and_start_keeps_the_data():
     assert not root.exists()
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    with PostgresServer() as pg:
-        yield pg
-
-
-@pytest.fixture(scope="module")
-def airflow_on_postgres(postgres, testbed, tmp_path_factory):
-    """A real Airflow (api-server, scheduler, dag-processor, triggerer) on the module's PostgreSQL."""
-    from xffl_testbed.airflow_instance import AirflowInstance
-
-    home = tmp_path_factory.mktemp("airflow-on-postgres")
-    dags = home / "dags"
-    dags.mkdir()
-    signals = home / "signals"
-    signals.mkdir()
-    instance = AirflowInstance(
-        home,
-        dags_folder=dags,
-        env={**testbed.airflow_env(), "XFFL_OUTAGE_SIGNALS": str(signals)},
-        sql_alchemy_conn=postgres.url,
-        parallelism=4,
-    )
-    instance.migrate()
-    instance.start(timeout=240)
-    try:
-        yield instance
-    finally:
-        instance.stop()
+# The session's `postgres` and `airflow_on_postgres` fixtures (tests/conftest.py) serve here.
 
 
 @pytest.mark.postgres

@@ -11,19 +11,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from xffl_testbed.campaign import (
-    LocalFacility,
-    install_federation_dag,
-    make_tiny,
-    place_private_data,
-    wait_for_campaign,
-    write_config,
+from tests.plugins.xffl_airflow.federation.campaign_support import (
+    run_campaign,
+    running_jobs,
+    ti_states,
 )
+from xffl_testbed.campaign import LocalFacility, install_federation_dag, wait_for_campaign
 
 pytestmark = [pytest.mark.slurm, pytest.mark.airflow_live, pytest.mark.slow]
 
@@ -31,75 +28,16 @@ FAIL_ONCE = (
     'if [ -e "$HOME/fail-once" ]; then rm -f "$HOME/fail-once"; '
     'echo "injected failure of the first training attempt" >&2; exit 3; fi'
 )
-TRAINING = {"max_steps": 30, "threads": 1, "seed": 0}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def corpora(testbed, tiny) -> dict[str, str]:
-    site1, site2 = testbed.facilities
-    return {
-        site1.name: place_private_data(site1, tiny / "data" / "italian", "italian"),
-        site2.name: place_private_data(site2, tiny / "data" / "czech", "czech"),
-    }
-
-
-def storage_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("campaigns")
-
-
-def ti_states(airflow, dag_id: str, run_id: str) -> dict[str, dict]:
-    return {ti["task_id"]: ti for ti in airflow.task_instances(dag_id, run_id)}
-
-
-def running_jobs(facility) -> list[tuple[str, int]]:
-    """(job name, seconds running) of the facility's RUNNING jobs."""
-    out = facility.ssh("squeue -h -t RUNNING -o '%j|%M'", check=False).stdout
-    jobs = []
-    for line in out.split():
-        name, elapsed = line.split("|")
-        parts = [int(p) for p in elapsed.replace("-", ":").split(":")]
-        seconds = 0
-        for part in parts:
-            seconds = seconds * 60 + part
-        jobs.append((name, seconds))
-    return jobs
-
-
-def run_campaign(airflow, testbed, corpora, tiny, storage: Path, *, campaign: str, **config_kwargs):
-    site1, site2 = testbed.facilities
-    config = write_config(
-        storage / f"{campaign}.yaml",
-        campaign=campaign,
-        storage=storage,
-        base_model=tiny / "model",
-        python=site1.python,
-        **{
-            "facilities": [LocalFacility(site1, corpora[site1.name]), LocalFacility(site2, corpora[site2.name])],
-            "training": TRAINING,
-            **config_kwargs,
-        },
-    )
-    install_federation_dag(airflow.dags_folder, config, name=campaign)
-    dag_id = f"xffl_{campaign}"
-    airflow.wait_for_dag(dag_id, timeout=180)
-    airflow.trigger(dag_id, run_id=f"xffl__{campaign}__round-0000", conf={"round": 0})
-    return dag_id, config
-
-
-def test_three_round_campaign_chains_converges_and_verifies(airflow_instance, testbed, corpora, tiny, tmp_path_factory):
+def test_three_round_campaign_chains_converges_and_verifies(airflow_instance, testbed, corpora, tiny, storage):
     airflow = airflow_instance
     site1, site2 = testbed.facilities
-    storage = storage_dir(tmp_path_factory)
     # the first training attempt at site1 fails: Airflow must retry it and go on
     marker = Path(site1.home) / "fail-once"
     marker.write_text("x")
     subprocess.run(["chown", f"{site1.user}:{site1.user}", str(marker)], check=True)
-    dag_id, _ = run_campaign(
+    dag_id = run_campaign(
         airflow, testbed, corpora, tiny, storage, campaign="e2e",
         facilities=[LocalFacility(site1, corpora[site1.name], preamble=[FAIL_ONCE]), LocalFacility(site2, corpora[site2.name])],
         convergence={"max_rounds": 3},
@@ -154,10 +92,9 @@ def test_three_round_campaign_chains_converges_and_verifies(airflow_instance, te
     assert broken.returncode == 1 and "round-0001/manifest.json" in broken.stderr
 
 
-def test_a_facility_down_for_good_is_left_out_when_the_quorum_allows(airflow_instance, testbed, corpora, tiny, tmp_path_factory):
+def test_a_facility_down_for_good_is_left_out_when_the_quorum_allows(airflow_instance, testbed, corpora, tiny, storage):
     airflow = airflow_instance
     site1, site2 = testbed.facilities
-    storage = storage_dir(tmp_path_factory)
     # a registered facility whose host no longer answers (nothing listens on its port)
     airflow.api(
         "POST",
@@ -172,7 +109,7 @@ def test_a_facility_down_for_good_is_left_out_when_the_quorum_allows(airflow_ins
         },
     )
     gone = LocalFacility(site2, corpora[site2.name], name="gone", conn_id="facility_gone")
-    dag_id, _ = run_campaign(
+    dag_id = run_campaign(
         airflow, testbed, corpora, tiny, storage, campaign="quorum",
         facilities=[LocalFacility(site1, corpora[site1.name]), gone],
         quorum=1, convergence={"max_rounds": 1},
@@ -190,13 +127,12 @@ def test_a_facility_down_for_good_is_left_out_when_the_quorum_allows(airflow_ins
 
 
 def test_a_missing_connection_stops_the_round_before_any_facility_work(
-    airflow_instance, testbed, corpora, tiny, tmp_path_factory
+    airflow_instance, testbed, corpora, tiny, storage
 ):
     airflow = airflow_instance
     site1, _ = testbed.facilities
-    storage = storage_dir(tmp_path_factory)
     nowhere = LocalFacility(site1, corpora[site1.name], name="nowhere", conn_id="facility_nowhere")
-    dag_id, _ = run_campaign(
+    dag_id = run_campaign(
         airflow, testbed, corpora, tiny, storage, campaign="noconn",
         facilities=[LocalFacility(site1, corpora[site1.name]), nowhere],
     )  # fmt: skip

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from xffl_airflow.federation.config import (
     STRATEGIES,
     ConfigError,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from xffl_airflow.federation.convergence import RoundOutcome, decide, weighted_loss
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from xffl_airflow.federation.report import campaign_rows, render_table, write_report
+
 from xffl_tasks.manifest import write_manifest
 
 
