@@ -88,7 +88,7 @@ def bench(count: int, rounds: int, work: Path, python: str, facility) -> dict:
     floor = floor.replace("FACILITIES = 2  #", f"FACILITIES = {count}  #").replace("ROUNDS = 3  #", f"ROUNDS = {rounds}  #")
     (dags / f"round_floor_{count}.py").write_text(floor)
     airflow = AirflowInstance(
-        work / f"airflow-{count}", dags_folder=dags, env=testbed_env, parallelism=max(8, 3 * count + 2)
+        work / f"airflow-{count}", dags_folder=dags, env=testbed_env, parallelism=max(8, count + 4)
     )
     try:
         airflow.migrate()
