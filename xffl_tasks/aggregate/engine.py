@@ -37,11 +37,10 @@ MIN_CHUNK_ELEMENTS = 1 << 12
 MAX_CHUNK_ELEMENTS = 1 << 18
 #: Threads doing the arithmetic, each on a chunk of its own.
 COMPUTE_THREADS = 2
-#: Chunks whose buffers circulate: being read, waiting (a few, so that a stage held up for a
-#: moment does not stall the others), being computed.
-SLOTS = COMPUTE_THREADS + 4
-#: Threads hashing the files read out of order, each a file at a time.
-HASH_THREADS = 2
+#: Chunks whose buffers circulate: one being read, one waiting, the ones being computed.
+SLOTS = COMPUTE_THREADS + 2
+#: Threads hashing the files read out of order, a file at a time.
+HASH_THREADS = 1
 
 
 def choose_chunk_elements(
