@@ -30,6 +30,7 @@ from xffl_tasks.aggregate.server_state import (
     state_header,
 )
 from xffl_tasks.aggregate.strategies import Strategy
+from xffl_tasks.aggregate.writeback import WriteBack
 
 #: Bytes of buffers the pass may use; the chunk size follows from it.
 DEFAULT_MEMORY_BUDGET = 160 << 20
@@ -141,6 +142,7 @@ class _Outputs:
     """The output files: the model's shards (headers copied) and the new server state."""
 
     def __init__(self, stage: Path, previous: ModelFolder, strategy: Strategy, rounds: int):
+        self.writeback = WriteBack()
         self.files: dict[str, OutputFile] = {}
         self.model: dict[str, OutputFile] = {}
         self.state: list[OutputFile] = []
@@ -165,9 +167,14 @@ class _Outputs:
         return output
 
     def close(self) -> dict[str, str]:
+        """Fsyncs and closes every file; returns their sha256 by relative name."""
+        self.writeback.drain()
+        self.writeback.close()
         return {name: output.close() for name, output in self.files.items()}
 
     def abandon(self) -> None:
+        self.writeback.drain()
+        self.writeback.close()
         for output in self.files.values():
             output.abandon()
 
