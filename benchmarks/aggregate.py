@@ -8,10 +8,14 @@ single ``model.safetensors`` plus ``metrics.json``, as transformers 5's ``save_p
 writes it (default shard size 50 GB). ``--client-layout same`` gives clients the previous
 model's shards instead. Then, with the page cache warm, each contender runs in a child process:
 
-- floor: read every input file once into one buffer (what ``cat`` to /dev/null does);
+- floor: read every input file once into one 128 KiB buffer (what ``cat`` to /dev/null does);
+- hash floor: sha256 of every input file, two files at a time on two threads: the least that
+  any aggregation hashing its inputs (as ``aggregation.json`` requires) spends;
 - naive: safetensors ``load_file`` for every client, a float32 weighted sum, ``save_file``;
 - ours: ``xffl_tasks.aggregate.aggregate`` (fedavg), sha256 of every file and the statistics
-  included.
+  included;
+- ours unhashed, for information: the same with sha256 made a no-op, i.e. the streaming
+  engine's own cost.
 
 Seconds (wall clock, and CPU seconds of all the child's threads) are measured inside the child
 around the work only, not the interpreter's start or the imports; the best of ``--repeat``
@@ -139,13 +143,36 @@ def build_checkpoints(root: Path, *, clients: int, model_mb: int, client_layout:
 # The contenders, each run in a child process: `python benchmarks/aggregate.py --child NAME SPEC OUT`.
 
 
+def input_files(spec: dict) -> list[Path]:
+    return [
+        p for folder in [spec["previous"], *spec["clients"]] for p in sorted(Path(folder).iterdir())
+    ]
+
+
 def child_floor(spec: dict, out: Path) -> None:
-    buffer = bytearray(8 << 20)
-    for folder in [spec["previous"], *spec["clients"]]:
-        for path in sorted(Path(folder).iterdir()):
-            with open(path, "rb", buffering=0) as file:
-                while file.readinto(buffer):
-                    pass
+    buffer = bytearray(128 << 10)  # cat's buffer size
+    for path in input_files(spec):
+        with open(path, "rb", buffering=0) as file:
+            while file.readinto(buffer):
+                pass
+
+
+def child_hash_floor(spec: dict, out: Path) -> None:
+    """sha256 of every input, on two threads: what any aggregation that hashes its inputs
+    spends at least (before any arithmetic, and before hashing its output)."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    def digest(path: Path) -> str:
+        sha, buffer = hashlib.sha256(), bytearray(1 << 20)
+        view = memoryview(buffer)
+        with open(path, "rb", buffering=0) as file:
+            while count := file.readinto(buffer):
+                sha.update(view[:count])
+        return sha.hexdigest()
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(digest, sorted(input_files(spec), key=lambda p: -p.stat().st_size)))
 
 
 def child_naive(spec: dict, out: Path) -> None:
@@ -175,7 +202,34 @@ def child_ours(spec: dict, out: Path) -> None:
     aggregate(Path(spec["previous"]), [Path(c) for c in spec["clients"]], out)
 
 
-CONTENDERS = {"floor": child_floor, "naive": child_naive, "ours": child_ours}
+def child_ours_unhashed(spec: dict, out: Path) -> None:
+    """Ours with sha256 made a no-op, for information only: the streaming engine's own cost
+    (its aggregation.json then holds dummy hashes)."""
+    import types
+
+    from xffl_tasks.aggregate import files
+
+    class NoHash:
+        def __init__(self, data: bytes = b"") -> None:
+            pass
+
+        def update(self, data) -> None:
+            pass
+
+        def hexdigest(self) -> str:
+            return "0" * 64
+
+    files.hashlib = types.SimpleNamespace(sha256=NoHash)
+    child_ours(spec, out)
+
+
+CONTENDERS = {
+    "floor": child_floor,
+    "hash_floor": child_hash_floor,
+    "naive": child_naive,
+    "ours": child_ours,
+    "ours_unhashed": child_ours_unhashed,
+}
 
 
 def child_main(name: str, spec_path: str, out: str) -> None:
@@ -290,7 +344,7 @@ def main() -> None:
                 peaks_rss[name] = max(peaks_rss[name], peak_rss)
                 times[name].append(seconds)
                 peaks[name] = max(peaks[name], peak)
-                if repeat < args.repeat - 1 or name == "floor":
+                if repeat < args.repeat - 1 or name not in ("naive", "ours"):
                     shutil.rmtree(out, ignore_errors=True)
         agreement = compare_outputs(root / "out-ours", root / "out-naive")
         best = {name: min(values) for name, values in times.items()}
@@ -306,10 +360,15 @@ def main() -> None:
                 for p in Path(f).iterdir()
             ),
             "floor_s": round(best["floor"], 3),
+            "hash_floor_s": round(best["hash_floor"], 3),
             "naive_s": round(best["naive"], 3),
             "ours_s": round(best["ours"], 3),
+            "ours_unhashed_s": round(best["ours_unhashed"], 3),
             "ours_over_floor": round(best["ours"] / best["floor"], 2),
             "naive_over_floor": round(best["naive"] / best["floor"], 2),
+            "hash_floor_over_floor": round(best["hash_floor"] / best["floor"], 2),
+            "ours_over_hash_floor": round(best["ours"] / best["hash_floor"], 2),
+            "ours_unhashed_over_floor": round(best["ours_unhashed"] / best["floor"], 2),
             "ours_peak_anon_mb": round(peaks["ours"]),
             "naive_peak_anon_mb": round(peaks["naive"]),
             "floor_peak_anon_mb": round(peaks["floor"]),

@@ -108,7 +108,7 @@ def _open_clients(
     return clients
 
 
-def run_aggregation(
+def aggregate(
     previous: Path,
     clients: Sequence[Path],
     out: Path,
@@ -119,7 +119,21 @@ def run_aggregation(
     options: Mapping[str, float] | None = None,
     chunk_elements: int | None = None,
 ) -> dict:
-    """``aggregate`` with the chunk size exposed (tests use tiny chunks)."""
+    """Aggregates the client model folders into the next global model at ``out``.
+
+    :param previous: the previous global model's folder (its layout is kept; its server state,
+        if any, is read from ``server_state/``).
+    :param clients: the clients' model folders (Hugging Face, safetensors, with metrics.json).
+    :param out: the new folder; must not exist. It appears only complete.
+    :param strategy: fedavg, fedavgm, fedadam, fedyogi, trimmed-mean or median.
+    :param weights: one positive weight per client; default: each metrics.json's num_samples.
+    :param names: the clients' names in the report and in messages; default: folder names.
+    :param options: the strategy's hyperparameters (e.g. server_learning_rate).
+    :param chunk_elements: elements per chunk; by default sized to the memory budget (tests
+        use tiny chunks to cross chunk boundaries everywhere).
+    :returns: what was written to ``out/aggregation.json``.
+    :raises AggregationError: on bad input, naming the client, file, tensor or field.
+    """
     started = time.perf_counter()
     previous, out = Path(previous), Path(out)
     client_paths = [Path(client) for client in clients]
@@ -184,31 +198,3 @@ def run_aggregation(
         report["bytes_written"],
     )
     return report
-
-
-def aggregate(
-    previous: Path,
-    clients: Sequence[Path],
-    out: Path,
-    *,
-    strategy: str = "fedavg",
-    weights: Sequence[float] | None = None,
-    names: Sequence[str] | None = None,
-    options: Mapping[str, float] | None = None,
-) -> dict:
-    """Aggregates the client model folders into the next global model at ``out``.
-
-    :param previous: the previous global model's folder (its layout is kept; its server state,
-        if any, is read from ``server_state/``).
-    :param clients: the clients' model folders (Hugging Face, safetensors, with metrics.json).
-    :param out: the new folder; must not exist. It appears only complete.
-    :param strategy: fedavg, fedavgm, fedadam, fedyogi, trimmed-mean or median.
-    :param weights: one positive weight per client; default: each metrics.json's num_samples.
-    :param names: the clients' names in the report and in messages; default: folder names.
-    :param options: the strategy's hyperparameters (e.g. server_learning_rate).
-    :returns: what was written to ``out/aggregation.json``.
-    :raises AggregationError: on bad input, naming the client, file, tensor or field.
-    """
-    return run_aggregation(
-        previous, clients, out, strategy=strategy, weights=weights, names=names, options=options
-    )

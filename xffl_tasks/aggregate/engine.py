@@ -30,6 +30,7 @@ from xffl_tasks.aggregate.server_state import (
     state_header,
 )
 from xffl_tasks.aggregate.strategies import Strategy
+from xffl_tasks.aggregate.writeback import WriteBack
 
 #: Bytes of buffers the pass may use; the chunk size follows from it.
 DEFAULT_MEMORY_BUDGET = 160 << 20
@@ -37,11 +38,10 @@ MIN_CHUNK_ELEMENTS = 1 << 12
 MAX_CHUNK_ELEMENTS = 1 << 18
 #: Threads doing the arithmetic, each on a chunk of its own.
 COMPUTE_THREADS = 2
-#: Chunks whose buffers circulate: being read, waiting (a few, so that a stage held up for a
-#: moment does not stall the others), being computed.
-SLOTS = COMPUTE_THREADS + 4
-#: Threads hashing the files read out of order, each a file at a time.
-HASH_THREADS = 2
+#: Chunks whose buffers circulate: one being read, one waiting, the ones being computed.
+SLOTS = COMPUTE_THREADS + 2
+#: Threads hashing the files read out of order, a file at a time.
+HASH_THREADS = 1
 
 
 def choose_chunk_elements(
@@ -142,6 +142,7 @@ class _Outputs:
     """The output files: the model's shards (headers copied) and the new server state."""
 
     def __init__(self, stage: Path, previous: ModelFolder, strategy: Strategy, rounds: int):
+        self.writeback = WriteBack()
         self.files: dict[str, OutputFile] = {}
         self.model: dict[str, OutputFile] = {}
         self.state: list[OutputFile] = []
@@ -166,9 +167,14 @@ class _Outputs:
         return output
 
     def close(self) -> dict[str, str]:
+        """Fsyncs and closes every file; returns their sha256 by relative name."""
+        self.writeback.drain()
+        self.writeback.close()
         return {name: output.close() for name, output in self.files.items()}
 
     def abandon(self) -> None:
+        self.writeback.drain()
+        self.writeback.close()
         for output in self.files.values():
             output.abandon()
 

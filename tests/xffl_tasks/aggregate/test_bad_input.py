@@ -61,51 +61,30 @@ def out(tmp_path) -> Path:
     return tmp_path / "round" / "global"
 
 
+def run_child_process(family, out: Path) -> subprocess.CompletedProcess:
+    """``python -m xffl_tasks.aggregate`` on the family, as a real process."""
+    command = [sys.executable, "-m", "xffl_tasks.aggregate", "--previous", str(family.base)]
+    command += ["--out", str(out), *[str(p) for p in family.clients.values()]]
+    return subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+
+
 def test_a_tensor_the_previous_model_lacks_is_named_by_a_child_process(family_copy, out):
     """The tied-embeddings case: a client that saved lm_head.weight on its own."""
     rewrite(
         family_copy.clients["site2"] / "model.safetensors",
         lambda t: t.update({"lm_head.weight": t[EMBED].clone()}),
     )
-    folders = [str(p) for p in family_copy.clients.values()]
-    command = [
-        sys.executable,
-        "-m",
-        "xffl_tasks.aggregate",
-        "--previous",
-        str(family_copy.base),
-        "--out",
-        str(out),
-    ]
-    result = subprocess.run(
-        [*command, *folders], check=False, capture_output=True, text=True, timeout=300, cwd=REPO
-    )
-    assert_refused(
-        result.returncode,
-        result.stderr,
-        out,
-        "client 'site2'",
-        "'lm_head.weight'",
-        "not in the previous",
-    )
+    result = run_child_process(family_copy, out)
+    words = ["client 'site2'", "'lm_head.weight'", "not in the previous"]
+    assert_refused(result.returncode, result.stderr, out, *words)
     assert result.stdout == ""
 
 
 def test_a_tensor_the_client_lacks_is_named_by_a_child_process(family_copy, out):
     rewrite(family_copy.clients["site2"] / "model.safetensors", lambda t: t.pop(NORM))
-    folders = [str(p) for p in family_copy.clients.values()]
-    command = [
-        sys.executable,
-        "-m",
-        "xffl_tasks.aggregate",
-        "--previous",
-        str(family_copy.base),
-        "--out",
-        str(out),
-    ]
-    result = subprocess.run(
-        [*command, *folders], check=False, capture_output=True, text=True, timeout=300, cwd=REPO
-    )
+    result = run_child_process(family_copy, out)
     assert_refused(
         result.returncode, result.stderr, out, "client 'site2'", f"lacks tensor '{NORM}'"
     )

@@ -15,7 +15,6 @@ import torch
 
 from tests.xffl_tasks.aggregate.conftest import CLIENT_SAMPLES, load_tensors
 from xffl_tasks.aggregate import aggregate
-from xffl_tasks.aggregate.aggregation import run_aggregation
 from xffl_tasks.aggregate.safetensors_format import read_header
 
 MANTISSA_BITS = {torch.float8_e4m3fn: 4, torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}
@@ -137,10 +136,8 @@ def test_report_records_weights_hashes_norms_and_cosines(family, tmp_path):
 @pytest.mark.parametrize("chunk_elements", [7, 1000])
 def test_chunk_boundaries_do_not_change_the_result(family, tmp_path, chunk_elements):
     clients = list(family.clients.values())
-    whole = run_aggregation(family.base, clients, tmp_path / "whole")
-    chunked = run_aggregation(
-        family.base, clients, tmp_path / "chunked", chunk_elements=chunk_elements
-    )
+    whole = aggregate(family.base, clients, tmp_path / "whole")
+    chunked = aggregate(family.base, clients, tmp_path / "chunked", chunk_elements=chunk_elements)
     assert chunked["output_files"] == whole["output_files"]
     for a, b in zip(whole["clients"], chunked["clients"]):
         assert a["update_norm"] == pytest.approx(b["update_norm"], rel=1e-6)

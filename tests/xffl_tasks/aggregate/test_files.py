@@ -124,3 +124,22 @@ def test_rename_no_replace(tmp_path):
         rename_no_replace(tmp_path / "a", tmp_path / "b")
     rename_no_replace(tmp_path / "a", tmp_path / "c")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "c"]
+
+
+def test_output_with_early_write_back(tmp_path):
+    from xffl_tasks.aggregate import files
+    from xffl_tasks.aggregate.writeback import WriteBack
+
+    block = os.urandom(1 << 20)
+    writeback = WriteBack()
+    output = OutputFile(
+        path=tmp_path / "o.bin", header=b"", size=3 * files.WRITEBACK_STEP, writeback=writeback
+    )
+    for _ in range(3 * files.WRITEBACK_STEP // len(block)):
+        output.write(memoryview(block))
+    writeback.drain()
+    writeback.close()
+    assert (
+        output.close()
+        == hashlib.sha256(block * (3 * files.WRITEBACK_STEP // len(block))).hexdigest()
+    )

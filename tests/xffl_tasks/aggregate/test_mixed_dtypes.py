@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.xffl_tasks.aggregate.test_fedavg_checkpoints import ulp
-from xffl_tasks.aggregate.aggregation import run_aggregation
+from xffl_tasks.aggregate import aggregate
 from xffl_tasks.aggregate.errors import AggregationError
 
 FLOATING = {
@@ -46,7 +46,7 @@ def test_mixed_dtypes(tmp_path, chunk_elements):
     previous = make(tmp_path / "previous", 0, positions=0)
     clients = [make(tmp_path / f"c{i}", i + 1, positions=100 * (i + 1)) for i in range(3)]
     out = tmp_path / "out"
-    report = run_aggregation(
+    report = aggregate(
         tmp_path / "previous",
         [tmp_path / f"c{i}" for i in range(3)],
         out,
@@ -86,7 +86,7 @@ def test_overflowing_a_narrow_dtype_is_an_error(tmp_path):
     )
     options = {"server_learning_rate": 2.0, "momentum": 0.0}
     with pytest.raises(AggregationError, match="tensor 'h': the new values overflow F16"):
-        run_aggregation(
+        aggregate(
             tmp_path / "previous",
             [tmp_path / "client"],
             tmp_path / "out",
@@ -105,4 +105,4 @@ def test_nan_in_a_float8_tensor_is_named(tmp_path):
     with pytest.raises(
         AggregationError, match=r"client 'client': tensor 'q' holds nan at index \[2\]"
     ):
-        run_aggregation(tmp_path / "previous", [tmp_path / "client"], tmp_path / "out", weights=[1])
+        aggregate(tmp_path / "previous", [tmp_path / "client"], tmp_path / "out", weights=[1])

@@ -64,6 +64,8 @@ class FedAdam(Strategy):
     name = "fedadam"
     option_specs = ADAPTIVE_OPTIONS
     state_names = ("first_moment", "second_moment")
+    #: The server step: ``(update, m, v, **options) -> (change, m, v)``.
+    server_step = staticmethod(adam_step)
 
     def combine(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return weighted_mean(updates, weights)
@@ -71,5 +73,5 @@ class FedAdam(Strategy):
     def step(
         self, combined: torch.Tensor, state: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        change, first, second = adam_step(combined, *state, **self.options)
+        change, first, second = self.server_step(combined, *state, **self.options)
         return change, (first, second)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
-from xffl_tasks.aggregate.strategies.base import Strategy
-from xffl_tasks.aggregate.strategies.fedadam import ADAPTIVE_OPTIONS, adaptive_change
-from xffl_tasks.aggregate.strategies.fedavg import weighted_mean
+from xffl_tasks.aggregate.strategies.fedadam import FedAdam, adaptive_change
 
 
 def yogi_step(
@@ -29,16 +25,8 @@ def yogi_step(
     return change, first, second
 
 
-class FedYogi(Strategy):
+class FedYogi(FedAdam):
+    """FedAdam's options, state and rule; Yogi's second moment."""
+
     name = "fedyogi"
-    option_specs = ADAPTIVE_OPTIONS
-    state_names = ("first_moment", "second_moment")
-
-    def combine(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return weighted_mean(updates, weights)
-
-    def step(
-        self, combined: torch.Tensor, state: Sequence[torch.Tensor]
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        change, first, second = yogi_step(combined, *state, **self.options)
-        return change, (first, second)
+    server_step = staticmethod(yogi_step)
