@@ -3,6 +3,7 @@
 Locally (the Airflow side, a folder every worker reaches)::
 
     <storage>/<campaign>/round-NNNN/
+        input/                  links to the input model's files: what the facilities receive
         global/                 the global model this round produced (+ aggregation.json)
         clients/<facility>/     each facility's trained model and metrics.json
         failures/<facility>.json  why a facility missed the round, when it did

@@ -36,6 +36,22 @@ def _now() -> str:
 
 # -- prepare -----------------------------------------------------------------------------
 
+# What a global model folder holds besides the model: the aggregation's report and the server
+# optimiser's state stay on the Airflow side (the state is 2-4 times the model's size).
+NOT_PUSHED = frozenset({"aggregation.json", "server_state"})
+
+
+def model_view(model: Path, view: Path) -> Path:
+    """A folder of symlinks to the model's own files (what the facilities receive)."""
+    if view.exists():
+        shutil.rmtree(view)
+    view.mkdir(parents=True)
+    for entry in sorted(model.iterdir()):
+        if entry.name not in NOT_PUSHED and not entry.name.startswith("."):
+            (view / entry.name).symlink_to(entry.resolve())
+    return view
+
+
 
 def campaign_name(config: FederationConfig, *, requested: str | None, run_type: str, logical_date: Any) -> str:
     """A scheduled run starts a campaign of its own, named after the config and the date."""
@@ -161,6 +177,7 @@ def prepare_round(
     if not (input_model / "config.json").is_file():
         raise RoundError(f"campaign {name} round {round_number}: input model {input_model} is not a model folder")
     layout.round_dir(round_number).mkdir(parents=True, exist_ok=True)
+    pushed_model = model_view(input_model, layout.round_dir(round_number) / "input")
     remote = RemoteLayout(name, round_number)
     facilities = {}
     for facility in config.facilities:
@@ -185,6 +202,7 @@ def prepare_round(
         "storage": config.storage,
         "round_dir": str(layout.round_dir(round_number)),
         "input_model": str(input_model),
+        "pushed_model": str(pushed_model),
         "warm_start_manifest": str(warm_manifest) if warm_manifest else None,
         "required_facilities": config.required_facilities,
         "started_at": _now(),
@@ -211,7 +229,7 @@ def push_global(plan: dict[str, Any], facility: str) -> dict[str, Any]:
     """Pushes the round's input model to the facility (unchanged files cost only a hash)."""
     from xffl_airflow.transfer import push
 
-    report = push(Path(plan["input_model"]), _remote(plan, facility), plan["facilities"][facility]["remote_global"])
+    report = push(Path(plan["pushed_model"]), _remote(plan, facility), plan["facilities"][facility]["remote_global"])
     result = report.to_dict()
     log.info(
         "%s: pushed %s (%d bytes sent, %d skipped) in %.2f s",
