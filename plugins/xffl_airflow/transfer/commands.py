@@ -84,7 +84,9 @@ def parse_segment_hashes(output: str, length: int, segment: int) -> list[str]:
             raise ValueError(f"unexpected segment hash line {line[:200]!r}")
         digests.append(digest)
     if len(digests) != expected:
-        raise ValueError(f"got {len(digests)} segment hashes for {length} bytes, expected {expected}")
+        raise ValueError(
+            f"got {len(digests)} segment hashes for {length} bytes, expected {expected}"
+        )
     return digests
 
 

@@ -118,7 +118,9 @@ class _GatheringConnector:
 
     async def create_connection(self, session_factory, host: str, port: int):
         loop = asyncio.get_running_loop()
-        transport, relay = await loop.create_connection(lambda: _Relay(session_factory()), host, port)
+        transport, relay = await loop.create_connection(
+            lambda: _Relay(session_factory()), host, port
+        )
         return transport, relay.inner
 
 
@@ -127,7 +129,9 @@ def bulk_options(target: SSHTarget, options: TransferOptions) -> dict[str, Any]:
     supported = {alg.decode() for alg in asyncssh.encryption.get_encryption_algs()}
     ciphers = [c for c in options.ciphers if c in supported]
     if not ciphers:
-        raise FacilityConnectionError(target.conn_id, f"none of the ciphers {list(options.ciphers)} is available in asyncssh")
+        raise FacilityConnectionError(
+            target.conn_id, f"none of the ciphers {list(options.ciphers)} is available in asyncssh"
+        )
     return {
         **connect_options(target),
         "encryption_algs": ciphers,
@@ -138,17 +142,24 @@ def bulk_options(target: SSHTarget, options: TransferOptions) -> dict[str, Any]:
     }
 
 
-async def open_connection(target: SSHTarget, options: TransferOptions) -> asyncssh.SSHClientConnection:
+async def open_connection(
+    target: SSHTarget, options: TransferOptions
+) -> asyncssh.SSHClientConnection:
     """Opens the attempt's SSH connection; errors are ``FacilityConnectionError`` as in ``ssh.connect``."""
     try:
         return await asyncssh.connect(**bulk_options(target, options))
     except asyncssh.HostKeyNotVerifiable as error:
         raise FacilityConnectionError(
-            target.conn_id, f"host key of {target.host}:{target.port} does not match the pinned key ({error})"
+            target.conn_id,
+            f"host key of {target.host}:{target.port} does not match the pinned key ({error})",
         ) from None
     except asyncssh.PermissionDenied as error:
-        raise FacilityConnectionError(target.conn_id, f"{target.address} refused the login ({error})") from None
+        raise FacilityConnectionError(
+            target.conn_id, f"{target.address} refused the login ({error})"
+        ) from None
     except (OSError, TimeoutError, asyncssh.Error) as error:
         raise FacilityConnectionError(
-            target.conn_id, f"cannot reach {target.address}: {type(error).__name__}: {error}", retryable=True
+            target.conn_id,
+            f"cannot reach {target.address}: {type(error).__name__}: {error}",
+            retryable=True,
         ) from None

@@ -20,12 +20,17 @@ COREUTILS = HashTools()
 
 
 def sh(command: str, stdin: str = "") -> str:
-    return subprocess.run(["sh", "-c", command], input=stdin, capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ["sh", "-c", command], input=stdin, capture_output=True, text=True, check=True
+    ).stdout
 
 
 def test_hash_commands_quote_the_path():
     path = "/w/it's a model/x y.bin"
-    assert commands.build_sha256(OPENSSL, path) == "openssl dgst -sha256 -r '/w/it'\"'\"'s a model/x y.bin'"
+    assert (
+        commands.build_sha256(OPENSSL, path)
+        == "openssl dgst -sha256 -r '/w/it'\"'\"'s a model/x y.bin'"
+    )
     assert commands.build_sha256(COREUTILS, path) == "sha256sum -- '/w/it'\"'\"'s a model/x y.bin'"
 
 
@@ -79,7 +84,9 @@ def test_segment_hashes_of_a_real_prefix(tmp_path, tools):
     path = tmp_path / "part"
     path.write_bytes(data)
     output = sh(commands.build_segment_hashes(tools, str(path), 9000, 4096))
-    expected = [hashlib.sha256(data[i : min(i + 4096, 9000)]).hexdigest() for i in range(0, 9000, 4096)]
+    expected = [
+        hashlib.sha256(data[i : min(i + 4096, 9000)]).hexdigest() for i in range(0, 9000, 4096)
+    ]
     assert commands.parse_segment_hashes(output, 9000, 4096) == expected
 
 
@@ -92,7 +99,9 @@ def test_matching_segments_stops_at_the_first_difference():
 
 def test_the_probe_reads_what_answered():
     empty = commands.EMPTY_SHA256
-    assert commands.parse_probe(f"{empty} */dev/null\n{commands.PYTHON_OK}\n") == HashTools(True, True)
+    assert commands.parse_probe(f"{empty} */dev/null\n{commands.PYTHON_OK}\n") == HashTools(
+        True, True
+    )
     assert commands.parse_probe(f"{commands.PYTHON_OK}\n") == HashTools(False, True)
     assert commands.parse_probe(f"{empty} */dev/null\n") == HashTools(True, False)
     assert commands.parse_probe("openssl: command not found\n") == HashTools(False, False)
@@ -107,8 +116,13 @@ def test_the_growing_hasher_follows_a_file_as_it_grows(tmp_path):
     data = b"0123456789" * 100_000
     path.write_bytes(data)
     # offsets as the sender settles them, then the final size
-    output = sh(commands.build_growing_hash(str(path)), stdin="0\n300000\n300000\n999999\n1000000\n")
-    assert commands.parse_growing_hash(output, 1_000_000, str(path)) == hashlib.sha256(data).hexdigest()
+    output = sh(
+        commands.build_growing_hash(str(path)), stdin="0\n300000\n300000\n999999\n1000000\n"
+    )
+    assert (
+        commands.parse_growing_hash(output, 1_000_000, str(path))
+        == hashlib.sha256(data).hexdigest()
+    )
 
 
 def test_the_growing_hasher_says_when_the_file_is_short(tmp_path):
