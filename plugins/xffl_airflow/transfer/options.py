@@ -43,6 +43,7 @@ class TransferOptions:
     :param window: SSH channel receive window, bytes
     :param max_packet: largest SSH packet we accept, bytes
     :param chunk_size: bytes read from or written to a local file at once (in a worker thread)
+    :param gather_writes: send all SSH packets of one event-loop turn with one ``send`` call
     """
 
     block_size: int = 261120
@@ -61,6 +62,7 @@ class TransferOptions:
     window: int = 16 * MIB
     max_packet: int = 256 * 1024
     chunk_size: int = 4 * MIB
+    gather_writes: bool = True
 
     def __post_init__(self) -> None:
         for name in (
@@ -83,7 +85,7 @@ class TransferOptions:
             _check_number(name, getattr(self, name), positive=name != "backoff")
         if self.max_mbps is not None:
             _check_number("max_mbps", self.max_mbps, positive=True)
-        for name in ("skip_unchanged", "fsync"):
+        for name in ("skip_unchanged", "fsync", "gather_writes"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(
                     f"transfer option {name} must be true or false, got {getattr(self, name)!r}"

@@ -143,6 +143,7 @@ class PullRun(TransferRun):
         self.report.files_skipped += 1
         self.report.bytes_skipped += item.size
         log.info("%s: %s is already here (sha256 %s): skipped", self.label, item.relative, digest)
+        Path(part_path(str(final))).unlink(missing_ok=True)  # an unfinished copy of it
         return True
 
     def check_space(self, to_fetch: list[RemoteFile]) -> None:

@@ -93,7 +93,9 @@ class PushRun(TransferRun):
         self.report.files_skipped += 1
         self.report.bytes_skipped += item.size
         log.info("%s: %s is already there (sha256 %s): skipped", self.label, item.relative, digest)
-        return True, part_size
+        if part is not None:
+            await session.remove(part_path(final))  # an unfinished copy of what is already there
+        return True, 0
 
     async def check_space(
         self, session: FacilitySession, to_send: list[tuple[LocalFile, int]]

@@ -190,7 +190,9 @@ async def send_file(
             None, read_and_hash, fd, offset, min(flow.chunk_size, size - offset), digest
         )
 
-    async def write(remote: asyncssh.SFTPClientFile, data: bytes, offset: int, entry: list) -> None:
+    async def write(
+        remote: asyncssh.SFTPClientFile, data: memoryview, offset: int, entry: list
+    ) -> None:
         nonlocal reported
         await remote.write(data, offset)
         flow.on_sent(len(data))
@@ -212,8 +214,9 @@ async def send_file(
                 raise SourceChanged(f"ended at {position} bytes, expected {size}")
             end = position + len(data)
             pending = read(end) if end < size else None
+            view = memoryview(data)  # slices without copies; asyncssh frames them as they are
             for offset in range(0, len(data), block):
-                piece = data[offset : offset + block]
+                piece = view[offset : offset + block]
                 delay = flow.limiter.delay(len(piece))
                 if delay:
                     await asyncio.sleep(delay)

@@ -201,6 +201,15 @@ def test_a_model_folder_makes_the_round_trip_with_identical_hashes(site, model_d
     assert (again_back.files_skipped, again_back.bytes_sent) == (5, 0)
 
 
+def test_other_tuning_moves_the_same_bytes(site, model_dir, tmp_path):
+    plain = {"gather_writes": False, "channels": 1, "ciphers": ["chacha20-poly1305@openssh.com"]}
+    pushed = push(
+        model_dir, site.remote, f"{site.name}/plain", max_requests=4, block_size=65536, **plain
+    )
+    fetched = pull(site.remote, f"{site.name}/plain", tmp_path / "plain", max_files=1, **plain)
+    assert pushed.files == fetched.files == hashes_of(model_dir) == hashes_of(tmp_path / "plain")
+
+
 def test_sshd_killed_mid_push_resumes_and_never_exposes_a_partial_file(site, model_dir, tmp_path):
     source = tmp_path / "m"
     source.mkdir()
