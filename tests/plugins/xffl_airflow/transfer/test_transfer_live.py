@@ -210,6 +210,27 @@ def test_other_tuning_moves_the_same_bytes(site, model_dir, tmp_path):
     assert pushed.files == fetched.files == hashes_of(model_dir) == hashes_of(tmp_path / "plain")
 
 
+def test_a_facility_with_only_coreutils_still_verifies(site, tmp_path, monkeypatch):
+    from xffl_airflow.transfer import commands
+
+    # as if the facility had neither openssl nor python3: sha256sum after the last byte
+    monkeypatch.setattr(commands, "parse_probe", lambda output: commands.HashTools())
+    source = tmp_path / "m"
+    source.mkdir()
+    (source / "weights.bin").write_bytes(os.urandom(3 * MIB))
+    pushed = push(source, site.remote, f"{site.name}/m")
+    fetched = pull(site.remote, f"{site.name}/m", tmp_path / "back")
+    assert pushed.files == fetched.files == hashes_of(source) == hashes_of(tmp_path / "back")
+    part = site.make_folder("m") / ".weights.bin.xffl-part"  # an interrupted copy, resumed
+    part.write_bytes((source / "weights.bin").read_bytes()[: 2 * MIB])
+    site.chown(part)
+    (source / "weights.bin").write_bytes(
+        (source / "weights.bin").read_bytes()[: 2 * MIB] + os.urandom(MIB)
+    )
+    resumed = push(source, site.remote, f"{site.name}/m", segment_size=MIB // 2)
+    assert resumed.bytes_resumed == 2 * MIB and resumed.files == hashes_of(source)
+
+
 def test_sshd_killed_mid_push_resumes_and_never_exposes_a_partial_file(site, model_dir, tmp_path):
     source = tmp_path / "m"
     source.mkdir()
