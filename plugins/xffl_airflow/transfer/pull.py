@@ -173,7 +173,14 @@ class PullRun(TransferRun):
                 theirs = await theirs_task
                 ours = digest.hexdigest()
                 if theirs == ours:
-                    os.replace(part, final)
+                    try:
+                        os.replace(part, final)
+                    except OSError as error:
+                        raise TransferError(
+                            self.facility.name,
+                            f"cannot put {part} in place as {final}: {error.strerror}",
+                            path=str(final),
+                        ) from None
                     self.report.files[item.relative] = ours
                     log.info(
                         "%s: %s verified (sha256 %s) and in place", self.label, item.relative, ours
