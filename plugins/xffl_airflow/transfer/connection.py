@@ -17,12 +17,19 @@ host, port)`` coroutine (asyncssh types it as a protocol, ``_TunnelConnectorProt
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import asyncssh
 
 from xffl_airflow.ssh import FacilityConnectionError, SSHTarget, connect_options
 from xffl_airflow.transfer.options import TransferOptions
+
+# asyncssh logs every channel at INFO, and a transfer opens a dozen (SFTP channels, hashing
+# commands): quieten it in the task log, unless the deployment set its level itself (as the
+# Slurm hook does).
+if logging.getLogger("asyncssh").level == logging.NOTSET:
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)
 
 
 class _GatheringTransport(asyncio.Transport):
