@@ -20,6 +20,7 @@ bytes per second. The destination is removed before each run, so nothing is skip
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -35,7 +36,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "plugins")]
 
-os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="xffl-bench-airflow."))
+if "AIRFLOW_HOME" not in os.environ:  # a throw-away home: the connection comes from the env
+    os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="xffl-bench-airflow.")
+    atexit.register(shutil.rmtree, os.environ["AIRFLOW_HOME"], True)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
 from xffl_testbed.facilities import Facility, Testbed
