@@ -20,6 +20,7 @@ bytes per second. The destination is removed before each run, so nothing is skip
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -35,18 +36,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "plugins")]
 
-os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="xffl-bench-airflow."))
+if "AIRFLOW_HOME" not in os.environ:  # a throw-away home: the connection comes from the env
+    os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="xffl-bench-airflow.")
+    atexit.register(shutil.rmtree, os.environ["AIRFLOW_HOME"], True)
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 
-from xffl_testbed.facilities import Facility, Testbed  # noqa: E402
+from xffl_testbed.facilities import Facility, Testbed
+
+log = logging.getLogger("benchmarks.transfer")
 
 OPENSSH_OPTIONS = ["-B", "261120", "-R", "64"]
 
 
 def write_random_file(path: Path, size_mb: int) -> None:
     with open(path, "wb") as f:
-        for _ in range(size_mb):
-            f.write(os.urandom(1 << 20))
+        f.writelines(os.urandom(1 << 20) for _ in range(size_mb))
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -67,8 +71,12 @@ def openssh_batch(facility: Facility, commands: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-mb", type=int, default=1024, help="size of the file moved, MiB (default 1024)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of ours and OpenSSH per direction (default 3)")
+    parser.add_argument(
+        "--size-mb", type=int, default=1024, help="size of the file moved, MiB (default 1024)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of ours and OpenSSH per direction (default 3)"
+    )
     parser.add_argument("--skip-sftphook", action="store_true", help="leave Airflow's SFTPHook out")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
@@ -86,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         facility = bed.facilities[0]
         os.environ[f"AIRFLOW_CONN_{facility.conn_id.upper()}"] = json.dumps(facility.connection)
-        site = RemoteFacility(name=facility.name, conn_id=facility.conn_id, workdir=facility.workdir)
+        site = RemoteFacility(
+            name=facility.name, conn_id=facility.conn_id, workdir=facility.workdir
+        )
         source = work / "model"
         source.mkdir()
         name = "model.bin"
@@ -119,31 +129,48 @@ def main(argv: list[str] | None = None) -> int:
             clean_local()
             return timed(lambda: openssh_batch(facility, f"get {remote_file} {back / name}\n"))
 
-        runs: dict[str, list[float]] = {key: [] for key in ("ours_put", "openssh_put", "ours_get", "openssh_get")}
+        runs: dict[str, list[float]] = {
+            key: [] for key in ("ours_put", "openssh_put", "ours_get", "openssh_get")
+        }
         # a first copy on the facility for the gets; each put replaces it with the same bytes
         push(source, site, "bench")
         for rep in range(args.repeat):
             order = [("ours", "openssh"), ("openssh", "ours")][rep % 2]
-            for direction, actions in (("put", (ours_put, openssh_put)), ("get", (ours_get, openssh_get))):
+            for direction, actions in (
+                ("put", (ours_put, openssh_put)),
+                ("get", (ours_get, openssh_get)),
+            ):
                 by_name = dict(zip(("ours", "openssh"), actions))
                 for who in order:
                     runs[f"{who}_{direction}"].append(round(size / by_name[who]() / 1e6, 1))
-            logging.info("repetition %d: %s", rep + 1, {k: v[-1] for k, v in runs.items()})
+            log.info("repetition %d: %s", rep + 1, {k: v[-1] for k, v in runs.items()})
 
         if not args.skip_sftphook:
             from airflow.providers.sftp.hooks.sftp import SFTPHook
 
             hook = SFTPHook(ssh_conn_id=facility.conn_id)
             clean_remote()
-            runs["sftphook_put"] = [round(size / timed(lambda: hook.store_file(remote_file, str(source / name))) / 1e6, 1)]
+            runs["sftphook_put"] = [
+                round(
+                    size / timed(lambda: hook.store_file(remote_file, str(source / name))) / 1e6, 1
+                )
+            ]
             clean_local()
-            runs["sftphook_get"] = [round(size / timed(lambda: hook.retrieve_file(remote_file, str(back / name))) / 1e6, 1)]
+            runs["sftphook_get"] = [
+                round(
+                    size / timed(lambda: hook.retrieve_file(remote_file, str(back / name))) / 1e6, 1
+                )
+            ]
             hook.close_conn()
     finally:
         bed.down(purge=True)
         shutil.rmtree(work, ignore_errors=True)
 
-    result: dict[str, object] = {"benchmark": "transfer", "size_mb": args.size_mb, "repeat": args.repeat}
+    result: dict[str, object] = {
+        "benchmark": "transfer",
+        "size_mb": args.size_mb,
+        "repeat": args.repeat,
+    }
     for key, values in runs.items():
         result[f"{key}_mbps"] = statistics.median(values)
     result["put_ratio"] = round(result["ours_put_mbps"] / result["openssh_put_mbps"], 3)

@@ -34,7 +34,9 @@ __all__ = ["RemoteFacility", "TransferError", "TransferOptions", "TransferReport
 T = TypeVar("T")
 
 
-def push(local_dir: Path, facility: RemoteFacility, remote_dir: str, **tuning: Any) -> TransferReport:
+def push(
+    local_dir: Path, facility: RemoteFacility, remote_dir: str, **tuning: Any
+) -> TransferReport:
     """Copies the model folder ``local_dir`` to ``remote_dir`` on ``facility``.
 
     ``remote_dir`` is relative to the facility's workdir (or absolute inside it); it is created
@@ -49,11 +51,20 @@ def push(local_dir: Path, facility: RemoteFacility, remote_dir: str, **tuning: A
         files = scan_folder(local)
     except ValueError as error:
         raise TransferError(facility.name, f"cannot push: {error}", path=str(local)) from None
-    run = PushRun(files=files, facility=facility, target=_target(facility), options=options, local_dir=local, remote_dir=remote)
+    run = PushRun(
+        files=files,
+        facility=facility,
+        target=_target(facility),
+        options=options,
+        local_dir=local,
+        remote_dir=remote,
+    )
     return _run_sync(run.run())
 
 
-def pull(facility: RemoteFacility, remote_dir: str, local_dir: Path, **tuning: Any) -> TransferReport:
+def pull(
+    facility: RemoteFacility, remote_dir: str, local_dir: Path, **tuning: Any
+) -> TransferReport:
     """Copies the folder ``remote_dir`` on ``facility`` into the local folder ``local_dir``.
 
     ``remote_dir`` is relative to the facility's workdir (or absolute inside it); symlinks in
@@ -67,8 +78,16 @@ def pull(facility: RemoteFacility, remote_dir: str, local_dir: Path, **tuning: A
     try:
         local.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise TransferError(facility.name, f"cannot create local folder {local}: {error.strerror}", path=str(local)) from None
-    run = PullRun(facility=facility, target=_target(facility), options=options, local_dir=local, remote_dir=remote)
+        raise TransferError(
+            facility.name, f"cannot create local folder {local}: {error.strerror}", path=str(local)
+        ) from None
+    run = PullRun(
+        facility=facility,
+        target=_target(facility),
+        options=options,
+        local_dir=local,
+        remote_dir=remote,
+    )
     return _run_sync(run.run())
 
 

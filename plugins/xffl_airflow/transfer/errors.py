@@ -13,7 +13,9 @@ class TransferError(RuntimeError):
         False for what another attempt cannot fix (permission denied, disk full, bad path)
     """
 
-    def __init__(self, facility: str, message: str, *, path: str | None = None, retryable: bool = False):
+    def __init__(
+        self, facility: str, message: str, *, path: str | None = None, retryable: bool = False
+    ):
         super().__init__(f"facility {facility}: {message}")
         self.facility = facility
         self.path = path

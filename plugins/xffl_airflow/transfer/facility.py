@@ -36,14 +36,22 @@ class RemoteFacility:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
-            raise ValueError(f"facility name must be 1-64 of A-Z a-z 0-9 _ . - (starting with a letter or digit), got {self.name!r}")
+            raise ValueError(
+                f"facility name must be 1-64 of A-Z a-z 0-9 _ . - (starting with a letter or digit), got {self.name!r}"
+            )
         if not isinstance(self.conn_id, str) or not _CONN_ID.fullmatch(self.conn_id):
-            raise ValueError(f"facility {self.name}: conn_id must be an Airflow connection id, got {self.conn_id!r}")
+            raise ValueError(
+                f"facility {self.name}: conn_id must be an Airflow connection id, got {self.conn_id!r}"
+            )
         workdir = self.workdir
         if not isinstance(workdir, str) or not workdir.startswith("/") or _UNSAFE.search(workdir):
-            raise ValueError(f"facility {self.name}: workdir must be an absolute path without control characters, got {workdir!r}")
+            raise ValueError(
+                f"facility {self.name}: workdir must be an absolute path without control characters, got {workdir!r}"
+            )
         if ".." in workdir.split("/"):
-            raise ValueError(f"facility {self.name}: workdir must not contain '..', got {workdir!r}")
+            raise ValueError(
+                f"facility {self.name}: workdir must not contain '..', got {workdir!r}"
+            )
         normalized = posixpath.normpath(workdir)
         if normalized == "/":
             raise ValueError(f"facility {self.name}: workdir must not be the filesystem root")
@@ -55,15 +63,27 @@ class RemoteFacility:
         Refuses ``..``, paths outside the workdir and unsafe characters, naming the facility.
         """
         if not isinstance(path, str) or not path.strip():
-            raise TransferError(self.name, f"remote path must be a non-empty string, got {path!r}", path=str(path))
+            raise TransferError(
+                self.name, f"remote path must be a non-empty string, got {path!r}", path=str(path)
+            )
         if _UNSAFE.search(path):
-            raise TransferError(self.name, f"remote path {path!r} contains control characters or backslashes", path=path)
+            raise TransferError(
+                self.name,
+                f"remote path {path!r} contains control characters or backslashes",
+                path=path,
+            )
         if ".." in path.split("/"):
-            raise TransferError(self.name, f"remote path {path!r} contains '..': refused", path=path)
-        absolute = posixpath.normpath(path if path.startswith("/") else posixpath.join(self.workdir, path))
+            raise TransferError(
+                self.name, f"remote path {path!r} contains '..': refused", path=path
+            )
+        absolute = posixpath.normpath(
+            path if path.startswith("/") else posixpath.join(self.workdir, path)
+        )
         if not is_within(self.workdir, absolute):
             raise TransferError(
-                self.name, f"remote path {path!r} is outside the facility's workdir {self.workdir}", path=path
+                self.name,
+                f"remote path {path!r} is outside the facility's workdir {self.workdir}",
+                path=path,
             )
         return absolute
 
@@ -80,12 +100,16 @@ def check_relative_name(relative: str) -> str:
     Raises ValueError naming the path when it cannot be used safely.
     """
     if not relative or relative.startswith("/") or _UNSAFE.search(relative):
-        raise ValueError(f"unusable file name {relative!r} (absolute, empty, control characters or backslash)")
+        raise ValueError(
+            f"unusable file name {relative!r} (absolute, empty, control characters or backslash)"
+        )
     parts = relative.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise ValueError(f"unusable file name {relative!r} (empty, '.' or '..' component)")
     if parts[-1].endswith(PART_SUFFIX):
-        raise ValueError(f"file name {relative!r} ends with {PART_SUFFIX}, which marks unfinished transfers")
+        raise ValueError(
+            f"file name {relative!r} ends with {PART_SUFFIX}, which marks unfinished transfers"
+        )
     return relative
 
 

@@ -40,7 +40,9 @@ def scan_folder(folder: Path) -> list[LocalFile]:
         for name in dirnames:
             real = os.path.realpath(os.path.join(current, name))
             if real in seen:
-                raise ValueError(f"local folder {os.path.join(current, name)} is reached twice (a symlink loop?)")
+                raise ValueError(
+                    f"local folder {os.path.join(current, name)} is reached twice (a symlink loop?)"
+                )
             seen.add(real)
         for name in filenames:
             if is_part_name(name):
@@ -69,7 +71,9 @@ def sha256_file(path: Path, chunk_size: int) -> str:
     return digest.hexdigest()
 
 
-def segment_states(path: Path, length: int, segment: int, chunk_size: int) -> tuple[list[str], list]:
+def segment_states(
+    path: Path, length: int, segment: int, chunk_size: int
+) -> tuple[list[str], list]:
     """Digests of each ``segment`` bytes of the first ``length`` bytes of ``path``, and the
     running whole-file sha256 state at each segment boundary (``states[k]`` has seen k segments).
 

@@ -43,6 +43,7 @@ class TransferOptions:
     :param window: SSH channel receive window, bytes
     :param max_packet: largest SSH packet we accept, bytes
     :param chunk_size: bytes read from or written to a local file at once (in a worker thread)
+    :param gather_writes: send all SSH packets of one event-loop turn with one ``send`` call
     """
 
     block_size: int = 261120
@@ -61,23 +62,43 @@ class TransferOptions:
     window: int = 16 * MIB
     max_packet: int = 256 * 1024
     chunk_size: int = 4 * MIB
+    gather_writes: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_requests", "channels", "max_files", "segment_size", "window", "max_packet", "chunk_size"):
+        for name in (
+            "block_size",
+            "max_requests",
+            "channels",
+            "max_files",
+            "segment_size",
+            "window",
+            "max_packet",
+            "chunk_size",
+        ):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("retries", self.retries, minimum=0)
         if self.block_size < 1024:
-            raise ValueError(f"transfer option block_size must be at least 1024 bytes, got {self.block_size}")
+            raise ValueError(
+                f"transfer option block_size must be at least 1024 bytes, got {self.block_size}"
+            )
         for name in ("backoff", "progress_interval", "command_timeout"):
             _check_number(name, getattr(self, name), positive=name != "backoff")
         if self.max_mbps is not None:
             _check_number("max_mbps", self.max_mbps, positive=True)
-        for name in ("skip_unchanged", "fsync"):
+        for name in ("skip_unchanged", "fsync", "gather_writes"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"transfer option {name} must be true or false, got {getattr(self, name)!r}")
+                raise TypeError(
+                    f"transfer option {name} must be true or false, got {getattr(self, name)!r}"
+                )
         ciphers = self.ciphers
-        if isinstance(ciphers, str) or not ciphers or not all(isinstance(c, str) and c for c in ciphers):
-            raise ValueError(f"transfer option ciphers must be a non-empty list of cipher names, got {ciphers!r}")
+        if (
+            isinstance(ciphers, str)
+            or not ciphers
+            or not all(isinstance(c, str) and c for c in ciphers)
+        ):
+            raise ValueError(
+                f"transfer option ciphers must be a non-empty list of cipher names, got {ciphers!r}"
+            )
         object.__setattr__(self, "ciphers", tuple(ciphers))
 
     @classmethod
@@ -86,15 +107,26 @@ class TransferOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(tuning) - known)
         if unknown:
-            raise ValueError(f"unknown transfer option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown transfer option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         return cls(**tuning)
 
 
 def _check_int(name: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"transfer option {name} must be a whole number >= {minimum}, got {value!r}")
+        raise ValueError(
+            f"transfer option {name} must be a whole number >= {minimum}, got {value!r}"
+        )
 
 
 def _check_number(name: str, value: object, *, positive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or (positive and value == 0):
-        raise ValueError(f"transfer option {name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value < 0
+        or (positive and value == 0)
+    ):
+        raise ValueError(
+            f"transfer option {name} must be a {'positive' if positive else 'non-negative'} number, got {value!r}"
+        )

@@ -50,24 +50,38 @@ class PullRun(TransferRun):
             await session.confine(self.remote_dir)
             self.files = await self.list_folder(session, self.remote_dir, "")
             if not self.files:
-                raise TransferError(self.facility.name, f"remote folder {self.remote_dir} holds no files", path=self.remote_dir)
+                raise TransferError(
+                    self.facility.name,
+                    f"remote folder {self.remote_dir} holds no files",
+                    path=self.remote_dir,
+                )
             self.report.bytes_total = sum(f.size for f in self.files)
         todo = [f for f in self.files if f.relative not in self.report.files]
         for folder in sorted({self.final_path(f).parent for f in todo}):
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as error:
-                raise TransferError(self.facility.name, f"cannot create local folder {folder}: {error.strerror}", path=str(folder)) from None
-        skipped = await run_all([lambda f=f: self.inspect(session, f) for f in todo], self.options.max_files)
+                raise TransferError(
+                    self.facility.name,
+                    f"cannot create local folder {folder}: {error.strerror}",
+                    path=str(folder),
+                ) from None
+        skipped = await run_all(
+            [lambda f=f: self.inspect(session, f) for f in todo], self.options.max_files
+        )
         to_fetch = [f for f, skip in zip(todo, skipped) if not skip]
         self.start_progress(sum(f.size for f in to_fetch))
         self.check_space(to_fetch)
-        await run_all([lambda f=f: self.pull_file(session, f) for f in to_fetch], self.options.max_files)
+        await run_all(
+            [lambda f=f: self.pull_file(session, f) for f in to_fetch], self.options.max_files
+        )
 
     def final_path(self, item: RemoteFile) -> Path:
         return self.local_dir / item.relative
 
-    async def list_folder(self, session: FacilitySession, folder: str, prefix: str) -> list[RemoteFile]:
+    async def list_folder(
+        self, session: FacilitySession, folder: str, prefix: str
+    ) -> list[RemoteFile]:
         with session.translate("list", folder):
             entries = await session.sftp.readdir(folder)
         files: list[RemoteFile] = []
@@ -88,7 +102,11 @@ class PullRun(TransferRun):
                 attrs = await session.stat(path)
                 mode = attrs.permissions or 0
                 if stat.S_ISDIR(mode):
-                    raise TransferError(self.facility.name, f"{path} is a symlink to a folder: not followed", path=path)
+                    raise TransferError(
+                        self.facility.name,
+                        f"{path} is a symlink to a folder: not followed",
+                        path=path,
+                    )
             if stat.S_ISDIR(mode):
                 files += await self.list_folder(session, path, relative + "/")
             elif stat.S_ISREG(mode):
@@ -100,7 +118,11 @@ class PullRun(TransferRun):
     async def inspect(self, session: FacilitySession, item: RemoteFile) -> bool:
         """Whether the local folder already holds this file with the same sha256."""
         final = self.final_path(item)
-        if not self.options.skip_unchanged or not final.is_file() or final.stat().st_size != item.size:
+        if (
+            not self.options.skip_unchanged
+            or not final.is_file()
+            or final.stat().st_size != item.size
+        ):
             return False
         loop = asyncio.get_running_loop()
         local = loop.run_in_executor(None, sha256_file, final, self.options.chunk_size)
@@ -109,12 +131,19 @@ class PullRun(TransferRun):
         finally:
             digest = await local
         if remote != digest:
-            log.info("%s: %s differs here (sha256 %s here, %s there): fetching it", self.label, item.relative, digest, remote)
+            log.info(
+                "%s: %s differs here (sha256 %s here, %s there): fetching it",
+                self.label,
+                item.relative,
+                digest,
+                remote,
+            )
             return False
         self.report.files[item.relative] = digest
         self.report.files_skipped += 1
         self.report.bytes_skipped += item.size
         log.info("%s: %s is already here (sha256 %s): skipped", self.label, item.relative, digest)
+        Path(part_path(str(final))).unlink(missing_ok=True)  # an unfinished copy of it
         return True
 
     def check_space(self, to_fetch: list[RemoteFile]) -> None:
@@ -125,7 +154,8 @@ class PullRun(TransferRun):
         free = shutil.disk_usage(self.local_dir).free
         if need > free:
             raise TransferError(
-                self.facility.name, f"not enough space at local {self.local_dir}: {need} bytes to write, {free} free",
+                self.facility.name,
+                f"not enough space at local {self.local_dir}: {need} bytes to write, {free} free",
                 path=str(self.local_dir),
             )
 
@@ -138,16 +168,24 @@ class PullRun(TransferRun):
                 # the facility hashes its copy while we fetch it
                 theirs_task = asyncio.ensure_future(session.sha256(item.path))
                 start, digest = await self.resume_point(session, item, part)
-                self.moved(start)
+                self.restart_at(item.relative, start)
                 await self.receive(session, item, part, start, digest)
                 theirs = await theirs_task
                 ours = digest.hexdigest()
                 if theirs == ours:
-                    os.replace(part, final)
+                    try:
+                        os.replace(part, final)
+                    except OSError as error:
+                        raise TransferError(
+                            self.facility.name,
+                            f"cannot put {part} in place as {final}: {error.strerror}",
+                            path=str(final),
+                        ) from None
                     self.report.files[item.relative] = ours
-                    log.info("%s: %s verified (sha256 %s) and in place", self.label, item.relative, ours)
+                    log.info(
+                        "%s: %s verified (sha256 %s) and in place", self.label, item.relative, ours
+                    )
                     return
-                self.moved(-item.size)
                 self.report.retries += 1
                 log.warning(
                     "%s: %s arrived with sha256 %s, the facility's copy has %s (try %d of %d); fetching again from its verified prefix",
@@ -166,7 +204,9 @@ class PullRun(TransferRun):
             path=item.path,
         )
 
-    async def resume_point(self, session: FacilitySession, item: RemoteFile, part: Path) -> tuple[int, object]:
+    async def resume_point(
+        self, session: FacilitySession, item: RemoteFile, part: Path
+    ) -> tuple[int, object]:
         try:
             info = part.lstat()
         except FileNotFoundError:
@@ -179,27 +219,41 @@ class PullRun(TransferRun):
             return 0, self.fresh_digest()
         return await self.verified_prefix(session, part, item.path, length)
 
-    async def receive(self, session: FacilitySession, item: RemoteFile, part: Path, start: int, digest) -> None:
+    async def receive(
+        self, session: FacilitySession, item: RemoteFile, part: Path, start: int, digest
+    ) -> None:
         name = self.facility.name
         remotes = await session.open_file(item.path, write=False)
         try:
             try:
                 fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
             except OSError as error:
-                raise TransferError(name, f"cannot write local file {part}: {error.strerror}", path=str(part)) from None
+                raise TransferError(
+                    name, f"cannot write local file {part}: {error.strerror}", path=str(part)
+                ) from None
             try:
                 os.ftruncate(fd, start)
                 with session.translate("read", item.path):
                     await receive_file(
-                        remotes, fd, start=start, size=item.size, digest=digest, block=session.read_block, flow=self.flow()
+                        remotes,
+                        fd,
+                        start=start,
+                        size=item.size,
+                        digest=digest,
+                        block=session.read_block,
+                        flow=self.flow(item.relative),
                     )
                 if self.options.fsync:
                     os.fsync(fd)
             except SourceChanged as error:
-                raise TransferError(name, f"{item.path} changed during the transfer: {error}", path=item.path) from None
+                raise TransferError(
+                    name, f"{item.path} changed during the transfer: {error}", path=item.path
+                ) from None
             except OSError as error:
                 part.unlink(missing_ok=True)
-                raise TransferError(name, f"cannot write local file {part}: {error.strerror}", path=str(part)) from None
+                raise TransferError(
+                    name, f"cannot write local file {part}: {error.strerror}", path=str(part)
+                ) from None
             finally:
                 os.close(fd)
         finally:

@@ -40,20 +40,28 @@ class PushRun(TransferRun):
 
     async def attempt(self, session: FacilitySession) -> None:
         todo = [f for f in self.files if f.relative not in self.report.files]
-        for folder in sorted({self.remote_dir} | {posixpath.dirname(self.final_path(f)) for f in todo}):
+        for folder in sorted(
+            {self.remote_dir} | {posixpath.dirname(self.final_path(f)) for f in todo}
+        ):
             await session.make_dirs(folder)
-        inspected = await run_all([lambda f=f: self.inspect(session, f) for f in todo], self.options.max_files)
+        inspected = await run_all(
+            [lambda f=f: self.inspect(session, f) for f in todo], self.options.max_files
+        )
         to_send = [(f, part) for f, (skip, part) in zip(todo, inspected) if not skip]
         self.start_progress(sum(f.size for f, _ in to_send))
         await self.check_space(session, to_send)
-        await run_all([lambda f=f: self.push_file(session, f) for f, _ in to_send], self.options.max_files)
+        await run_all(
+            [lambda f=f: self.push_file(session, f) for f, _ in to_send], self.options.max_files
+        )
 
     async def inspect(self, session: FacilitySession, item: LocalFile) -> tuple[bool, int]:
         """Whether the facility already holds this file (same sha256), and the size of its
         unfinished copy if there is one."""
         final = self.final_path(item)
         part = await session.lstat(part_path(final))
-        part_size = (part.size or 0) if part is not None and stat.S_ISREG(part.permissions or 0) else 0
+        part_size = (
+            (part.size or 0) if part is not None and stat.S_ISREG(part.permissions or 0) else 0
+        )
         attrs = await session.lstat(final)
         if attrs is None:
             return False, part_size
@@ -61,7 +69,9 @@ class PushRun(TransferRun):
             await session.confine(final)
             attrs = await session.stat(final)
         if stat.S_ISDIR(attrs.permissions or 0):
-            raise TransferError(self.facility.name, f"{final} is a folder, where {item.path} should go", path=final)
+            raise TransferError(
+                self.facility.name, f"{final} is a folder, where {item.path} should go", path=final
+            )
         if not self.options.skip_unchanged or attrs.size != item.size:
             return False, part_size
         loop = asyncio.get_running_loop()
@@ -71,15 +81,25 @@ class PushRun(TransferRun):
         finally:
             digest = await local
         if remote != digest:
-            log.info("%s: %s differs there (sha256 %s there, %s here): sending it", self.label, item.relative, remote, digest)
+            log.info(
+                "%s: %s differs there (sha256 %s there, %s here): sending it",
+                self.label,
+                item.relative,
+                remote,
+                digest,
+            )
             return False, part_size
         self.report.files[item.relative] = digest
         self.report.files_skipped += 1
         self.report.bytes_skipped += item.size
         log.info("%s: %s is already there (sha256 %s): skipped", self.label, item.relative, digest)
-        return True, part_size
+        if part is not None:
+            await session.remove(part_path(final))  # an unfinished copy of what is already there
+        return True, 0
 
-    async def check_space(self, session: FacilitySession, to_send: list[tuple[LocalFile, int]]) -> None:
+    async def check_space(
+        self, session: FacilitySession, to_send: list[tuple[LocalFile, int]]
+    ) -> None:
         need = sum(max(0, f.size - part) for f, part in to_send)
         if not need:
             return
@@ -96,15 +116,16 @@ class PushRun(TransferRun):
         part = part_path(final)
         for sending in range(self.options.retries + 1):
             start, digest = await self.resume_point(session, item, part)
-            self.moved(start)
+            self.restart_at(item.relative, start)
             theirs = await self.send(session, item, part, start, digest)
             ours = digest.hexdigest()
             if theirs == ours:
                 await session.replace(part, final)
                 self.report.files[item.relative] = ours
-                log.info("%s: %s verified (sha256 %s) and in place", self.label, item.relative, ours)
+                log.info(
+                    "%s: %s verified (sha256 %s) and in place", self.label, item.relative, ours
+                )
                 return
-            self.moved(-item.size)
             self.report.retries += 1
             log.warning(
                 "%s: %s arrived with sha256 %s, expected %s (try %d of %d); sending again from its verified prefix",
@@ -118,7 +139,9 @@ class PushRun(TransferRun):
             path=final,
         )
 
-    async def resume_point(self, session: FacilitySession, item: LocalFile, part: str) -> tuple[int, object]:
+    async def resume_point(
+        self, session: FacilitySession, item: LocalFile, part: str
+    ) -> tuple[int, object]:
         attrs = await session.lstat(part)
         if attrs is None:
             return 0, self.fresh_digest()
@@ -130,15 +153,21 @@ class PushRun(TransferRun):
             return 0, self.fresh_digest()
         return await self.verified_prefix(session, item.path, part, length)
 
-    async def send(self, session: FacilitySession, item: LocalFile, part: str, start: int, digest) -> str:
+    async def send(
+        self, session: FacilitySession, item: LocalFile, part: str, start: int, digest
+    ) -> str:
         """Sends the file from ``start`` into ``part``; returns the sha256 the facility computed."""
         name = self.facility.name
         try:
             fd = os.open(item.path, os.O_RDONLY)
         except FileNotFoundError:
-            raise TransferError(name, f"local file {item.path} vanished before it was sent", path=str(item.path)) from None
+            raise TransferError(
+                name, f"local file {item.path} vanished before it was sent", path=str(item.path)
+            ) from None
         except OSError as error:
-            raise TransferError(name, f"cannot read local file {item.path}: {error.strerror}", path=str(item.path)) from None
+            raise TransferError(
+                name, f"cannot read local file {item.path}: {error.strerror}", path=str(item.path)
+            ) from None
         hasher = None
         try:
             self.check_unchanged(fd, item, "since the folder was scanned")
@@ -153,14 +182,18 @@ class PushRun(TransferRun):
                         hasher.advance(start)
                         await send_file(
                             fd, remotes, start=start, size=item.size, digest=digest, block=session.write_block,
-                            flow=self.flow(), settled=hasher.advance,
+                            flow=self.flow(item.relative), settled=hasher.advance,
                         )  # fmt: skip
                         if self.options.fsync:
                             await remotes[0].fsync()
                     except asyncssh.SFTPFailure as failure:
                         await self.explain_write_failure(session, part, item, failure.reason)
             except SourceChanged as error:
-                raise TransferError(name, f"local file {item.path} changed while being sent: {error}", path=str(item.path)) from None
+                raise TransferError(
+                    name,
+                    f"local file {item.path} changed while being sent: {error}",
+                    path=str(item.path),
+                ) from None
             finally:
                 await close_quietly(remotes)
             self.check_unchanged(fd, item, "while being sent")
@@ -181,7 +214,9 @@ class PushRun(TransferRun):
                 path=str(item.path),
             )
 
-    async def explain_write_failure(self, session: FacilitySession, part: str, item: LocalFile, reason: str) -> None:
+    async def explain_write_failure(
+        self, session: FacilitySession, part: str, item: LocalFile, reason: str
+    ) -> None:
         """A failed SFTP write is mostly a full disk or quota: say so, and free the space taken."""
         await session.remove(part)
         free = await session.free_bytes(posixpath.dirname(part))
@@ -191,4 +226,3 @@ class PushRun(TransferRun):
             f"there for the {item.size} bytes of {item.relative}: is the disk full or over quota?",
             path=self.final_path(item),
         )
-

@@ -94,16 +94,24 @@ class TransferRun:
         self.local_dir = local_dir
         self.remote_dir = remote_dir
         self.report = TransferReport(
-            facility=facility.name, direction=self.direction, local_dir=str(local_dir), remote_dir=remote_dir
+            facility=facility.name,
+            direction=self.direction,
+            local_dir=str(local_dir),
+            remote_dir=remote_dir,
         )
         self.limiter = RateLimiter(options.max_mbps)
         self.progress: ProgressLog | None = None
         self._window: asyncio.Semaphore | None = None
+        self._positions: dict[str, int] = {}  # per file: bytes at the destination so far
 
     @property
     def label(self) -> str:
         where = f"{self.facility.name}:{self.remote_dir}"
-        return f"push {self.local_dir} -> {where}" if self.direction == "push" else f"pull {where} -> {self.local_dir}"
+        return (
+            f"push {self.local_dir} -> {where}"
+            if self.direction == "push"
+            else f"pull {where} -> {self.local_dir}"
+        )
 
     async def attempt(self, session: FacilitySession) -> None:
         raise NotImplementedError
@@ -133,7 +141,9 @@ class TransferRun:
         report = self.report
         report.files = dict(sorted(report.files.items()))
         report.seconds = round(time.monotonic() - started, 3)
-        report.mbps = round(report.bytes_sent / report.seconds / 1e6, 2) if report.seconds > 0 else 0.0
+        report.mbps = (
+            round(report.bytes_sent / report.seconds / 1e6, 2) if report.seconds > 0 else 0.0
+        )
         log.info(
             "%s: %d files (%d skipped, unchanged), %.1f MiB sent in %.1f s (%.1f MB/s), %d retries",
             self.label, len(report.files), report.files_skipped, report.bytes_sent / 2**20,
@@ -165,19 +175,27 @@ class TransferRun:
         if self.progress is None:
             self.progress = ProgressLog(self.label, total, interval=self.options.progress_interval)
 
-    def moved(self, nbytes: int) -> None:
-        """Counts bytes of file data now at the destination (negative when a file starts over)."""
+    def restart_at(self, relative: str, offset: int) -> None:
+        """A file's data is (again) at the destination up to ``offset``: a resumed prefix, or 0
+        when it starts over. Keeps the progress count true across resumes and resends."""
+        self.moved(relative, offset - self._positions.get(relative, 0))
+
+    def moved(self, relative: str, nbytes: int) -> None:
+        self._positions[relative] = self._positions.get(relative, 0) + nbytes
         if self.progress is not None:
             self.progress.advance(nbytes)
 
-    def flow(self) -> Flow:
+    def flow(self, relative: str) -> Flow:
+        """The shared window and rate cap, counting the bytes of file ``relative``."""
         assert self._window is not None
 
         def sent(nbytes: int) -> None:
             self.report.bytes_sent += nbytes
-            self.moved(nbytes)
+            self.moved(relative, nbytes)
 
-        return Flow(self._window, self.options.max_requests, self.limiter, self.options.chunk_size, sent)
+        return Flow(
+            self._window, self.options.max_requests, self.limiter, self.options.chunk_size, sent
+        )
 
     async def verified_prefix(
         self, session: FacilitySession, local_path: Path, remote_path: str, length: int
@@ -186,7 +204,9 @@ class TransferRun:
         that hash alike on both sides. Returns that offset and the sha256 state after it."""
         segment = self.options.segment_size
         loop = asyncio.get_running_loop()
-        local = loop.run_in_executor(None, segment_states, local_path, length, segment, self.options.chunk_size)
+        local = loop.run_in_executor(
+            None, segment_states, local_path, length, segment, self.options.chunk_size
+        )
         try:
             remote = await session.segment_hashes(remote_path, length)
         finally:

@@ -60,7 +60,9 @@ class FacilitySession:
         self._probe = asyncio.ensure_future(self._probe_tools())
 
     @classmethod
-    async def open(cls, facility: RemoteFacility, target: SSHTarget, options: TransferOptions) -> FacilitySession:
+    async def open(
+        cls, facility: RemoteFacility, target: SSHTarget, options: TransferOptions
+    ) -> FacilitySession:
         try:
             conn = await open_connection(target, options)
         except FacilityConnectionError as error:
@@ -70,11 +72,15 @@ class FacilitySession:
         try:
             # Each SFTP channel has its own flow-control window and its own sftp-server process
             # on the facility: data spread over a few of them keeps more bytes in flight.
-            channels = await asyncio.gather(*(conn.start_sftp_client() for _ in range(options.channels)))
+            channels = await asyncio.gather(
+                *(conn.start_sftp_client() for _ in range(options.channels))
+            )
             real_workdir = await channels[0].realpath(facility.workdir)
         except asyncssh.SFTPNoSuchFile:
             conn.close()
-            raise TransferError(facility.name, f"workdir {facility.workdir} does not exist", path=facility.workdir) from None
+            raise TransferError(
+                facility.name, f"workdir {facility.workdir} does not exist", path=facility.workdir
+            ) from None
         except (*LINK_ERRORS, asyncssh.Error) as error:
             conn.close()
             raise RetryableFailure(f"cannot start SFTP: {type(error).__name__}: {error}") from None
@@ -82,7 +88,9 @@ class FacilitySession:
 
     async def _probe_tools(self) -> commands.HashTools:
         with self.translate("probe hashing tools on", self.facility.workdir):
-            result = await self.conn.run(commands.PROBE, check=False, timeout=self.options.command_timeout)
+            result = await self.conn.run(
+                commands.PROBE, check=False, timeout=self.options.command_timeout
+            )
         tools = commands.parse_probe(str(result.stdout or ""))
         log.debug("facility %s: hashing with %s", self.facility.name, tools)
         return tools
@@ -108,13 +116,21 @@ class FacilitySession:
         try:
             yield
         except asyncssh.SFTPNoSuchFile:
-            raise TransferError(name, f"cannot {action} {path}: no such file or folder", path=path) from None
+            raise TransferError(
+                name, f"cannot {action} {path}: no such file or folder", path=path
+            ) from None
         except asyncssh.SFTPPermissionDenied:
-            raise TransferError(name, f"cannot {action} {path}: permission denied", path=path) from None
+            raise TransferError(
+                name, f"cannot {action} {path}: permission denied", path=path
+            ) from None
         except LINK_ERRORS as error:
-            raise RetryableFailure(f"link lost while trying to {action} {path} ({type(error).__name__}: {error})") from None
+            raise RetryableFailure(
+                f"link lost while trying to {action} {path} ({type(error).__name__}: {error})"
+            ) from None
         except asyncssh.SFTPError as error:
-            raise TransferError(name, f"cannot {action} {path}: {error.reason or type(error).__name__}", path=path) from None
+            raise TransferError(
+                name, f"cannot {action} {path}: {error.reason or type(error).__name__}", path=path
+            ) from None
 
     # remote commands
 
@@ -122,15 +138,27 @@ class FacilitySession:
         """Runs a shell command on the facility and returns its stdout; fails naming ``path``."""
         with self.translate(action, path):
             try:
-                result = await self.conn.run(command, check=False, timeout=self.options.command_timeout)
+                result = await self.conn.run(
+                    command, check=False, timeout=self.options.command_timeout
+                )
             except asyncssh.TimeoutError as error:
-                raise RetryableFailure(f"{action} {path} took over {self.options.command_timeout} s") from error
+                raise RetryableFailure(
+                    f"{action} {path} took over {self.options.command_timeout} s"
+                ) from error
         if result.exit_status != 0:
             stderr = str(result.stderr or "").strip()[-500:]
-            status = result.exit_status if result.exit_status is not None else f"signal {result.exit_signal}"
+            status = (
+                result.exit_status
+                if result.exit_status is not None
+                else f"signal {result.exit_signal}"
+            )
             if result.exit_status is None and not stderr:
-                raise RetryableFailure(f"{action} {path}: remote command ended without status ({status})")
-            raise TransferError(self.facility.name, f"cannot {action} {path} (exit {status}): {stderr}", path=path)
+                raise RetryableFailure(
+                    f"{action} {path}: remote command ended without status ({status})"
+                )
+            raise TransferError(
+                self.facility.name, f"cannot {action} {path} (exit {status}): {stderr}", path=path
+            )
         return str(result.stdout or "")
 
     async def sha256(self, path: str) -> str:
@@ -145,7 +173,9 @@ class FacilitySession:
         segment = self.options.segment_size
         tools = await self.hash_tools()
         output = await self.run(
-            commands.build_segment_hashes(tools, path, length, segment), action="hash segments of", path=path
+            commands.build_segment_hashes(tools, path, length, segment),
+            action="hash segments of",
+            path=path,
         )
         try:
             return commands.parse_segment_hashes(output, length, segment)
@@ -201,18 +231,30 @@ class FacilitySession:
                 await self.confine(current)
                 attrs = await self.stat(current)
             if not stat.S_ISDIR(attrs.permissions or 0):
-                raise TransferError(self.facility.name, f"{current} exists and is not a folder", path=current)
+                raise TransferError(
+                    self.facility.name, f"{current} exists and is not a folder", path=current
+                )
         await self.confine(path)
 
-    async def open_file(self, path: str, *, write: bool, truncate: bool = False) -> list[asyncssh.SFTPClientFile]:
+    async def open_file(
+        self, path: str, *, write: bool, truncate: bool = False
+    ) -> list[asyncssh.SFTPClientFile]:
         """``path`` opened on every channel (binary, one request per call); creates it for writing."""
-        first = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | (asyncssh.FXF_TRUNC if truncate else 0) if write else asyncssh.FXF_READ
+        first = (
+            asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | (asyncssh.FXF_TRUNC if truncate else 0)
+            if write
+            else asyncssh.FXF_READ
+        )
         rest = asyncssh.FXF_WRITE if write else asyncssh.FXF_READ
         handles: list[asyncssh.SFTPClientFile] = []
         try:
             with self.translate("write" if write else "read", path):
                 for index, channel in enumerate(self.channels):
-                    handles.append(await channel.open(path, rest if index else first, encoding=None, block_size=0))
+                    handles.append(
+                        await channel.open(
+                            path, rest if index else first, encoding=None, block_size=0
+                        )
+                    )
         except BaseException:
             await close_quietly(handles)
             raise
@@ -271,7 +313,9 @@ class GrowingHash:
         if not (await self._session.hash_tools()).python3:
             return None
         with self._session.translate("hash", self._path):
-            self._process = await self._session.conn.create_process(commands.build_growing_hash(self._path))
+            self._process = await self._session.conn.create_process(
+                commands.build_growing_hash(self._path)
+            )
         if self._latest is not None:
             self.advance(self._latest)
         return self._process
@@ -294,12 +338,20 @@ class GrowingHash:
             try:
                 result = await process.wait(timeout=session.options.command_timeout)
             except asyncssh.TimeoutError as error:
-                raise RetryableFailure(f"hashing {path} took over {session.options.command_timeout} s") from error
+                raise RetryableFailure(
+                    f"hashing {path} took over {session.options.command_timeout} s"
+                ) from error
         if result.exit_status is None:
-            raise RetryableFailure(f"the hasher of {path} ended without status (signal {result.exit_signal})")
+            raise RetryableFailure(
+                f"the hasher of {path} ended without status (signal {result.exit_signal})"
+            )
         if result.exit_status != 0:
             stderr = str(result.stderr or "").strip()[-500:]
-            raise TransferError(session.facility.name, f"cannot hash {path} (exit {result.exit_status}): {stderr}", path=path)
+            raise TransferError(
+                session.facility.name,
+                f"cannot hash {path} (exit {result.exit_status}): {stderr}",
+                path=path,
+            )
         try:
             return commands.parse_growing_hash(str(result.stdout or ""), size, path)
         except ValueError as error:

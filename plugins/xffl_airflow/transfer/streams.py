@@ -131,7 +131,9 @@ class OrderedSink:
             await previous
         try:
             loop = asyncio.get_running_loop()
-            self._written = await loop.run_in_executor(None, write_and_hash, self._fd, start, batch, self._digest)
+            self._written = await loop.run_in_executor(
+                None, write_and_hash, self._fd, start, batch, self._digest
+            )
         except BaseException as error:
             self._error = error
             raise
@@ -184,9 +186,13 @@ async def send_file(
     reported = start
 
     def read(offset: int) -> asyncio.Future:
-        return loop.run_in_executor(None, read_and_hash, fd, offset, min(flow.chunk_size, size - offset), digest)
+        return loop.run_in_executor(
+            None, read_and_hash, fd, offset, min(flow.chunk_size, size - offset), digest
+        )
 
-    async def write(remote: asyncssh.SFTPClientFile, data: bytes, offset: int, entry: list) -> None:
+    async def write(
+        remote: asyncssh.SFTPClientFile, data: memoryview, offset: int, entry: list
+    ) -> None:
         nonlocal reported
         await remote.write(data, offset)
         flow.on_sent(len(data))
@@ -208,8 +214,9 @@ async def send_file(
                 raise SourceChanged(f"ended at {position} bytes, expected {size}")
             end = position + len(data)
             pending = read(end) if end < size else None
+            view = memoryview(data)  # slices without copies; asyncssh frames them as they are
             for offset in range(0, len(data), block):
-                piece = data[offset : offset + block]
+                piece = view[offset : offset + block]
                 delay = flow.limiter.delay(len(piece))
                 if delay:
                     await asyncio.sleep(delay)
@@ -217,7 +224,9 @@ async def send_file(
                 in_order.append(entry)
                 remote = remotes[next(turns) % len(remotes)]
                 await pipeline.submit(
-                    lambda remote=remote, piece=piece, at=position + offset, entry=entry: write(remote, piece, at, entry)
+                    lambda remote=remote, piece=piece, at=position + offset, entry=entry: write(
+                        remote, piece, at, entry
+                    )
                 )
             position = end
         await pipeline.drain()
@@ -247,7 +256,9 @@ async def receive_file(
     pipeline = RequestPipeline(flow.window)
     turns = itertools.count()
     sink = OrderedSink(fd, digest, start, flow.chunk_size)
-    buffer_limit = 2 * flow.chunk_size + flow.max_requests * block  # what may wait in memory at most
+    buffer_limit = (
+        2 * flow.chunk_size + flow.max_requests * block
+    )  # what may wait in memory at most
 
     async def read(remote: asyncssh.SFTPClientFile, offset: int, length: int) -> None:
         data = await remote.read(length, offset)
@@ -267,7 +278,9 @@ async def receive_file(
             if delay:
                 await asyncio.sleep(delay)
             remote = remotes[next(turns) % len(remotes)]
-            await pipeline.submit(lambda remote=remote, offset=offset, length=length: read(remote, offset, length))
+            await pipeline.submit(
+                lambda remote=remote, offset=offset, length=length: read(remote, offset, length)
+            )
         await pipeline.drain()
         await sink.finish()
         if size > start and os.fstat(fd).st_size != size:

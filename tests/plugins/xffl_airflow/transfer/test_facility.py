@@ -76,7 +76,9 @@ def test_usable_relative_names(name):
     assert check_relative_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "/abs", "a/../b", "a//b", "./a", "a\tb", "x\\y", "a/.b.xffl-part"])
+@pytest.mark.parametrize(
+    "name", ["", "/abs", "a/../b", "a//b", "./a", "a\tb", "x\\y", "a/.b.xffl-part"]
+)
 def test_unusable_relative_names_are_refused(name):
     with pytest.raises(ValueError, match="file name"):
         check_relative_name(name)

@@ -54,8 +54,12 @@ def test_segment_states_give_the_digest_of_each_segment_and_the_running_state(tm
     path = tmp_path / "f"
     path.write_bytes(data)
     digests, states = segment_states(path, 9_000, 4_096, chunk_size=1_000)
-    assert digests == [hashlib.sha256(data[i : min(i + 4096, 9000)]).hexdigest() for i in (0, 4096, 8192)]
-    assert [s.hexdigest() for s in states] == [hashlib.sha256(data[:n]).hexdigest() for n in (0, 4096, 8192, 9000)]
+    assert digests == [
+        hashlib.sha256(data[i : min(i + 4096, 9000)]).hexdigest() for i in (0, 4096, 8192)
+    ]
+    assert [s.hexdigest() for s in states] == [
+        hashlib.sha256(data[:n]).hexdigest() for n in (0, 4096, 8192, 9000)
+    ]
     assert sha256_file(path, 3_000) == hashlib.sha256(data).hexdigest()
     short, _ = segment_states(path, 20_000, 4_096, chunk_size=1_000)  # the file ends first
     assert len(short) == 2

@@ -15,12 +15,16 @@ def test_defaults_stay_within_the_openssh_request_limit():
 
 
 def test_tuning_keywords_become_options():
-    options = TransferOptions.from_tuning({"max_requests": 16, "max_mbps": 2.5, "ciphers": ["aes256-ctr"]})
+    options = TransferOptions.from_tuning(
+        {"max_requests": 16, "max_mbps": 2.5, "ciphers": ["aes256-ctr"]}
+    )
     assert (options.max_requests, options.max_mbps, options.ciphers) == (16, 2.5, ("aes256-ctr",))
 
 
 def test_an_unknown_keyword_is_named():
-    with pytest.raises(ValueError, match="unknown transfer option.*max_request\\b.*known: .*max_requests"):
+    with pytest.raises(
+        ValueError, match="unknown transfer option.*max_request\\b.*known: .*max_requests"
+    ):
         TransferOptions.from_tuning({"max_request": 16})
 
 
@@ -88,3 +92,28 @@ def test_backoff_doubles_is_capped_and_jittered():
     assert backoff_delay(3, 1.0, rng=lambda: 1.0) == 4.0
     assert backoff_delay(3, 1.0, rng=lambda: 0.0) == 2.0
     assert backoff_delay(10, 1.0, rng=lambda: 1.0) == 30.0
+
+
+def test_progress_stays_true_when_a_file_resumes_or_starts_over():
+    from pathlib import Path
+
+    from xffl_airflow.ssh import SSHTarget
+    from xffl_airflow.transfer import RemoteFacility
+    from xffl_airflow.transfer.runner import TransferRun
+
+    run = TransferRun(
+        facility=RemoteFacility("site1", "facility_site1", "/w"),
+        target=SSHTarget(conn_id="facility_site1", host="h", port=22, username="u", known_hosts=""),
+        options=TransferOptions(),
+        local_dir=Path("/m"),
+        remote_dir="/w/m",
+    )
+    run.start_progress(100)
+    run.restart_at("a.bin", 40)  # a verified prefix kept
+    run.moved("a.bin", 30)  # then sent
+    assert run.progress.done == 70
+    run.restart_at("a.bin", 20)  # link lost; the next attempt keeps less
+    assert run.progress.done == 20
+    run.restart_at("a.bin", 0)  # a mismatch: from the start
+    run.moved("b.bin", 5)
+    assert run.progress.done == 5

@@ -33,21 +33,31 @@ def test_worker_tasks_push_and_pull_with_progress_in_the_task_log(install_dag, t
         (model / "config.json").write_text('{"model_type": "gpt2"}')
         (model / "model.safetensors").write_bytes(os.urandom(24 << 20))
         airflow = install_dag(DAG_FILE, "xffl_transfer_roundtrip")
-        conf = {"workdir": site1.workdir, "model_dir": str(model), "remote_dir": remote, "back_dir": str(work / "back")}
+        conf = {
+            "workdir": site1.workdir,
+            "model_dir": str(model),
+            "remote_dir": remote,
+            "back_dir": str(work / "back"),
+        }
         run_id = airflow.trigger("xffl_transfer_roundtrip", conf=conf)
         assert airflow.wait_for_run("xffl_transfer_roundtrip", run_id, timeout=300) == "success"
 
         for task_id, verb in (("push_model", "push"), ("pull_model", "pull")):
             log = airflow.task_log("xffl_transfer_roundtrip", run_id, task_id)
-            progress = re.findall(rf"{verb} .*: [\d.]+/24\.0 MiB \((\d+)%\), [\d.]+ MB/s, (ETA \d+s|done)", log)
+            progress = re.findall(
+                rf"{verb} .*: [\d.]+/24\.0 MiB \((\d+)%\), [\d.]+ MB/s, (ETA \d+s|done)", log
+            )
             assert len(progress) >= 3 and progress[-1] == ("100", "done"), log[-3000:]
             assert "model.safetensors verified (sha256" in log, log[-3000:]
         pulled = airflow.api(
-            "GET", f"dags/xffl_transfer_roundtrip/dagRuns/{run_id}/taskInstances/pull_model/xcomEntries/return_value"
+            "GET",
+            f"dags/xffl_transfer_roundtrip/dagRuns/{run_id}/taskInstances/pull_model/xcomEntries/return_value",
         )["value"]
         digest = hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()
         assert f"'model.safetensors': '{digest}'" in str(pulled) or digest in str(pulled)
-        assert (work / "back" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+        assert (work / "back" / "model.safetensors").read_bytes() == (
+            model / "model.safetensors"
+        ).read_bytes()
     finally:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(Path(site1.workdir) / remote, ignore_errors=True)

@@ -40,13 +40,17 @@ def sha256_of(path: Path) -> str:
 
 
 def hashes_of(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): sha256_of(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): sha256_of(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A real model folder: a tiny GPT-2 (about 60 MB of float32 safetensors), its config files,
-    and a file in a subfolder."""
+    a file in a subfolder and an empty one."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -56,6 +60,7 @@ def model_dir(tmp_path_factory) -> Path:
     GPT2LMHeadModel(config).save_pretrained(folder)
     (folder / "metrics").mkdir()
     (folder / "metrics" / "round.json").write_text(json.dumps({"round": 3, "loss": 2.5}))
+    (folder / "metrics" / "notes.txt").touch()
     assert (folder / "model.safetensors").stat().st_size > 50 * MIB
     return folder
 
@@ -87,12 +92,22 @@ class Site:
         return path
 
 
+def sshd_running(bed) -> bool:
+    return Path(f"/proc/{bed.daemon_pid('sshd')}").exists()
+
+
 @pytest.fixture
 def site(testbed, monkeypatch):
     bed = testbed.facility("site1")
     monkeypatch.setenv(f"AIRFLOW_CONN_{bed.conn_id.upper()}", json.dumps(bed.connection))
-    here = Site(bed, RemoteFacility(name=bed.name, conn_id=bed.conn_id, workdir=bed.workdir), f"t-{uuid.uuid4().hex[:8]}")
+    here = Site(
+        bed,
+        RemoteFacility(name=bed.name, conn_id=bed.conn_id, workdir=bed.workdir),
+        f"t-{uuid.uuid4().hex[:8]}",
+    )
     yield here
+    if not sshd_running(bed):  # a test that stops sshd failed before starting it again
+        bed.start_sshd()
     if here.folder.exists():
         subprocess.run(["chmod", "-R", "u+rwX", str(here.folder)], check=False)
         shutil.rmtree(here.folder, ignore_errors=True)
@@ -163,8 +178,14 @@ def test_a_model_folder_makes_the_round_trip_with_identical_hashes(site, model_d
     local = hashes_of(model_dir)
     sent = push(model_dir, site.remote, f"{site.name}/global")
     assert sent.files == local
-    assert (sent.bytes_total, sent.bytes_sent, sent.files_skipped) == (sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file()), sent.bytes_total, 0)
-    remote = site.bed.ssh(f"cd {site.folder}/global && sha256sum config.json generation_config.json model.safetensors metrics/round.json")
+    assert (sent.bytes_total, sent.bytes_sent, sent.files_skipped) == (
+        sum(p.stat().st_size for p in model_dir.rglob("*") if p.is_file()),
+        sent.bytes_total,
+        0,
+    )
+    remote = site.bed.ssh(
+        f"cd {site.folder}/global && sha256sum config.json generation_config.json model.safetensors metrics/*"
+    )
     assert {line.split()[1]: line.split()[0] for line in remote.stdout.splitlines()} == local
     assert json.loads(json.dumps(sent.to_dict())) == sent.to_dict()
 
@@ -172,22 +193,58 @@ def test_a_model_folder_makes_the_round_trip_with_identical_hashes(site, model_d
     fetched = pull(site.remote, f"{site.name}/global", back)
     assert fetched.files == local == hashes_of(back)
     assert fetched.direction == "pull" and fetched.bytes_sent == fetched.bytes_total
-    original, copy = load_file(model_dir / "model.safetensors"), load_file(back / "model.safetensors")
+    original, copy = (
+        load_file(model_dir / "model.safetensors"),
+        load_file(back / "model.safetensors"),
+    )
     assert original.keys() == copy.keys() and all((original[k] == copy[k]).all() for k in original)
     assert not [p for p in [*back.rglob("*xffl-part"), *site.folder.rglob("*xffl-part")]]
 
     again = push(model_dir, site.remote, f"{site.folder}/global")  # absolute inside the workdir
-    assert (again.files_skipped, again.bytes_sent, again.bytes_skipped) == (4, 0, again.bytes_total)
+    assert (again.files_skipped, again.bytes_sent, again.bytes_skipped) == (5, 0, again.bytes_total)
     assert again.files == local
     again_back = pull(site.remote, f"{site.name}/global", back)
-    assert (again_back.files_skipped, again_back.bytes_sent) == (4, 0)
+    assert (again_back.files_skipped, again_back.bytes_sent) == (5, 0)
+
+
+def test_other_tuning_moves_the_same_bytes(site, model_dir, tmp_path):
+    plain = {"gather_writes": False, "channels": 1, "ciphers": ["chacha20-poly1305@openssh.com"]}
+    pushed = push(
+        model_dir, site.remote, f"{site.name}/plain", max_requests=4, block_size=65536, **plain
+    )
+    fetched = pull(site.remote, f"{site.name}/plain", tmp_path / "plain", max_files=1, **plain)
+    assert pushed.files == fetched.files == hashes_of(model_dir) == hashes_of(tmp_path / "plain")
+
+
+def test_a_facility_with_only_coreutils_still_verifies(site, tmp_path, monkeypatch):
+    from xffl_airflow.transfer import commands
+
+    # as if the facility had neither openssl nor python3: sha256sum after the last byte
+    monkeypatch.setattr(commands, "parse_probe", lambda output: commands.HashTools())
+    source = tmp_path / "m"
+    source.mkdir()
+    (source / "weights.bin").write_bytes(os.urandom(3 * MIB))
+    pushed = push(source, site.remote, f"{site.name}/m")
+    fetched = pull(site.remote, f"{site.name}/m", tmp_path / "back")
+    assert pushed.files == fetched.files == hashes_of(source) == hashes_of(tmp_path / "back")
+    part = site.make_folder("m") / ".weights.bin.xffl-part"  # an interrupted copy, resumed
+    part.write_bytes((source / "weights.bin").read_bytes()[: 2 * MIB])
+    site.chown(part)
+    (source / "weights.bin").write_bytes(
+        (source / "weights.bin").read_bytes()[: 2 * MIB] + os.urandom(MIB)
+    )
+    resumed = push(source, site.remote, f"{site.name}/m", segment_size=MIB // 2)
+    assert resumed.bytes_resumed == 2 * MIB and resumed.files == hashes_of(source)
 
 
 def test_sshd_killed_mid_push_resumes_and_never_exposes_a_partial_file(site, model_dir, tmp_path):
     source = tmp_path / "m"
     source.mkdir()
     shutil.copy(model_dir / "model.safetensors", source / "model.safetensors")
-    size, digest = (source / "model.safetensors").stat().st_size, sha256_of(source / "model.safetensors")
+    size, digest = (
+        (source / "model.safetensors").stat().st_size,
+        sha256_of(source / "model.safetensors"),
+    )
     final = site.folder / "m" / "model.safetensors"
     part = site.folder / "m" / ".model.safetensors.xffl-part"
     watcher = FinalPathWatcher(final, size, digest)
@@ -199,7 +256,9 @@ def test_sshd_killed_mid_push_resumes_and_never_exposes_a_partial_file(site, mod
         site.bed.start_sshd()
 
     cutter = when_size_reaches(part, size * 4 // 10, cut_the_link)
-    report = push(source, site.remote, f"{site.name}/m", max_mbps=15, segment_size=MIB, backoff=0.5, retries=6)
+    report = push(
+        source, site.remote, f"{site.name}/m", max_mbps=15, segment_size=MIB, backoff=0.5, retries=6
+    )
     cutter.join(30)
     watcher.stop.set()
     watcher.join()
@@ -217,7 +276,10 @@ def test_sshd_killed_mid_pull_resumes_and_never_exposes_a_partial_file(site, mod
     remote = site.make_folder("m")
     shutil.copy(model_dir / "model.safetensors", remote / "model.safetensors")
     site.chown(remote / "model.safetensors")
-    size, digest = (remote / "model.safetensors").stat().st_size, sha256_of(remote / "model.safetensors")
+    size, digest = (
+        (remote / "model.safetensors").stat().st_size,
+        sha256_of(remote / "model.safetensors"),
+    )
     back = tmp_path / "back"
     watcher = FinalPathWatcher(back / "model.safetensors", size, digest)
     watcher.start()
@@ -228,7 +290,9 @@ def test_sshd_killed_mid_pull_resumes_and_never_exposes_a_partial_file(site, mod
         site.bed.start_sshd()
 
     cutter = when_size_reaches(back / ".model.safetensors.xffl-part", size * 4 // 10, cut_the_link)
-    report = pull(site.remote, f"{site.name}/m", back, max_mbps=15, segment_size=MIB, backoff=0.5, retries=6)
+    report = pull(
+        site.remote, f"{site.name}/m", back, max_mbps=15, segment_size=MIB, backoff=0.5, retries=6
+    )
     cutter.join(30)
     watcher.stop.set()
     watcher.join()
@@ -244,9 +308,11 @@ def test_a_corrupted_remote_copy_is_detected_and_sent_again(site, model_dir):
     push(model_dir, site.remote, f"{site.name}/global")
     flip_byte(site.folder / "global" / "model.safetensors", 12345678)  # same size, other content
     report = push(model_dir, site.remote, f"{site.name}/global")
-    assert report.files_skipped == 3  # all but the corrupted one
+    assert report.files_skipped == 4  # all but the corrupted one
     assert report.bytes_sent == (model_dir / "model.safetensors").stat().st_size
-    assert sha256_of(site.folder / "global" / "model.safetensors") == sha256_of(model_dir / "model.safetensors")
+    assert sha256_of(site.folder / "global" / "model.safetensors") == sha256_of(
+        model_dir / "model.safetensors"
+    )
 
 
 def test_a_resumed_copy_keeps_only_the_prefix_that_hashes_alike(site, model_dir):
@@ -263,20 +329,24 @@ def test_a_resumed_copy_keeps_only_the_prefix_that_hashes_alike(site, model_dir)
     assert sha256_of(folder / "model.safetensors") == sha256_of(source)
 
 
-def test_corruption_during_the_transfer_is_retried_and_then_refused(site, model_dir, tmp_path, caplog):
+def test_corruption_during_the_transfer_is_retried_and_then_refused(
+    site, model_dir, tmp_path, caplog
+):
     source = tmp_path / "m"
     source.mkdir()
     with open(model_dir / "model.safetensors", "rb") as f:
         (source / "weights.bin").write_bytes(f.read(24 * MIB))
     part = site.folder / "m" / ".weights.bin.xffl-part"
 
+    # The damage lands at the start of the copy once 1 MiB is there; the facility's hasher
+    # reads that start only once 16 MiB are acknowledged, over a second later at 12 MB/s.
     def damage_once():
         with open(part, "r+b") as f:
             f.write(b"\0garbage\0" * 100)
 
     # once: the copy is found wrong, sent again from its verified prefix, and then right
     when_size_reaches(part, MIB, damage_once)
-    report = push(source, site.remote, f"{site.name}/m", max_mbps=25, segment_size=MIB)
+    report = push(source, site.remote, f"{site.name}/m", max_mbps=12, segment_size=MIB)
     assert report.retries == 1
     assert "arrived with sha256" in caplog.text
     assert sha256_of(site.folder / "m" / "weights.bin") == sha256_of(source / "weights.bin")
@@ -297,13 +367,18 @@ def test_corruption_during_the_transfer_is_retried_and_then_refused(site, model_
     damager = threading.Thread(target=keep_damaging, daemon=True)
     damager.start()
     try:
-        with pytest.raises(TransferError, match=r"facility site1: .*/m/weights.bin: the copy still hashes differently after 2 tries") as caught:
-            push(source, site.remote, f"{site.name}/m", max_mbps=25, segment_size=MIB, retries=1)
+        with pytest.raises(
+            TransferError,
+            match=r"facility site1: .*/m/weights.bin: the copy still hashes differently after 2 tries",
+        ) as caught:
+            push(source, site.remote, f"{site.name}/m", max_mbps=12, segment_size=MIB, retries=1)
     finally:
         stop.set()
         damager.join()
     assert caught.value.path == f"{site.folder}/m/weights.bin"
-    assert sha256_of(site.folder / "m" / "weights.bin") == report.files["weights.bin"]  # the old one stays
+    assert (
+        sha256_of(site.folder / "m" / "weights.bin") == report.files["weights.bin"]
+    )  # the old one stays
     assert not part.exists()
 
 
@@ -328,7 +403,10 @@ def test_paths_that_escape_the_workdir_are_refused(site, model_dir, tmp_path, ou
 
     folder = site.make_folder()
     (folder / "escape").symlink_to(outside)
-    with pytest.raises(TransferError, match=r"escape resolves to /tmp/xffl-outside\..*, outside the workdir .*: refused"):
+    with pytest.raises(
+        TransferError,
+        match=r"escape resolves to /tmp/xffl-outside\..*, outside the workdir .*: refused",
+    ):
         push(model_dir, site.remote, f"{site.name}/escape/model")
     with pytest.raises(TransferError, match="outside the workdir"):
         pull(site.remote, f"{site.name}/escape", tmp_path / "back")
@@ -337,7 +415,9 @@ def test_paths_that_escape_the_workdir_are_refused(site, model_dir, tmp_path, ou
     leaky = site.make_folder("leaky")
     (leaky / "config.json").write_text("{}")
     (leaky / "secret").symlink_to(outside / "victim")
-    with pytest.raises(TransferError, match=r"leaky/secret resolves to .*victim, outside the workdir"):
+    with pytest.raises(
+        TransferError, match=r"leaky/secret resolves to .*victim, outside the workdir"
+    ):
         pull(site.remote, f"{site.name}/leaky", tmp_path / "leaky")
 
     # a symlink planted under the temporary name is replaced, never written through
@@ -353,9 +433,14 @@ def test_paths_that_escape_the_workdir_are_refused(site, model_dir, tmp_path, ou
 
 def test_a_host_key_mismatch_is_refused(site, testbed, model_dir, monkeypatch):
     other = testbed.facility("site2")
-    wrong = {**site.bed.connection, "extra": {**site.bed.connection["extra"], "host_key": other.host_key}}
+    wrong = {
+        **site.bed.connection,
+        "extra": {**site.bed.connection["extra"], "host_key": other.host_key},
+    }
     monkeypatch.setenv(f"AIRFLOW_CONN_{site.bed.conn_id.upper()}", json.dumps(wrong))
-    with pytest.raises(TransferError, match="facility site1: .*does not match the pinned key") as caught:
+    with pytest.raises(
+        TransferError, match="facility site1: .*does not match the pinned key"
+    ) as caught:
         push(model_dir, site.remote, f"{site.name}/global")
     assert caught.value.retryable is False
     assert not site.folder.exists()
@@ -367,7 +452,15 @@ def small_disk(site):
     mount = site.make_folder("small")
     user = pwd.getpwnam(site.bed.user)
     subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size=2m,mode=0755,uid={user.pw_uid},gid={user.pw_gid}", "tmpfs", str(mount)],
+        [
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            f"size=2m,mode=0755,uid={user.pw_uid},gid={user.pw_gid}",
+            "tmpfs",
+            str(mount),
+        ],
         check=True,
     )
     try:
@@ -380,7 +473,10 @@ def test_a_full_remote_disk_is_named_and_leaves_nothing(site, small_disk, tmp_pa
     too_big = tmp_path / "big"
     too_big.mkdir()
     (too_big / "weights.bin").write_bytes(os.urandom(3 * MIB))
-    with pytest.raises(TransferError, match=r"facility site1: not enough space at .*/small/m: \d+ bytes to write, \d+ free"):
+    with pytest.raises(
+        TransferError,
+        match=r"facility site1: not enough space at .*/small/m: \d+ bytes to write, \d+ free",
+    ):
         push(too_big, site.remote, f"{site.name}/small/m")
     assert not (small_disk / "m" / "weights.bin").exists()
 
@@ -391,10 +487,17 @@ def test_a_full_remote_disk_is_named_and_leaves_nothing(site, small_disk, tmp_pa
     filler = small_disk / "filler"
 
     def fill_the_disk():
-        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k", "count=32"], capture_output=True, check=False)
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={filler}", "bs=64k", "count=32"],
+            capture_output=True,
+            check=False,
+        )
 
     when_size_reaches(small_disk / "m" / ".weights.bin.xffl-part", 256 * 1024, fill_the_disk)
-    with pytest.raises(TransferError, match=r"writing .*/small/m/.weights.bin.xffl-part failed .*disk full or over quota") as caught:
+    with pytest.raises(
+        TransferError,
+        match=r"writing .*/small/m/.weights.bin.xffl-part failed .*disk full or over quota",
+    ) as caught:
         push(fits, site.remote, f"{site.name}/small/m", max_mbps=1)
     assert caught.value.path == f"{small_disk}/m/weights.bin"
     assert sorted(p.name for p in (small_disk / "m").iterdir()) == []
@@ -406,9 +509,15 @@ def test_permission_errors_name_the_path(site, model_dir, tmp_path):
     config = tmp_path / "config"
     config.mkdir()
     shutil.copy(model_dir / "config.json", config / "config.json")
-    with pytest.raises(TransferError, match=r"facility site1: cannot write .*/locked/.config.json.xffl-part: permission denied"):
+    with pytest.raises(
+        TransferError,
+        match=r"facility site1: cannot write .*/locked/.config.json.xffl-part: permission denied",
+    ):
         push(config, site.remote, f"{site.name}/locked")
-    with pytest.raises(TransferError, match=r"facility site1: cannot create folder .*/locked/metrics: permission denied"):
+    with pytest.raises(
+        TransferError,
+        match=r"facility site1: cannot create folder .*/locked/metrics: permission denied",
+    ):
         push(model_dir, site.remote, f"{site.name}/locked")
     assert list(locked.iterdir()) == []
 
@@ -416,7 +525,10 @@ def test_permission_errors_name_the_path(site, model_dir, tmp_path):
     (unreadable / "weights.bin").write_bytes(b"secret")
     site.chown(unreadable / "weights.bin")
     (unreadable / "weights.bin").chmod(0)
-    with pytest.raises(TransferError, match=r"cannot (read|hash) .*/unreadable/weights.bin.*: permission denied|Permission denied"):
+    with pytest.raises(
+        TransferError,
+        match=r"cannot (read|hash) .*/unreadable/weights.bin.*: permission denied|Permission denied",
+    ):
         pull(site.remote, f"{site.name}/unreadable", tmp_path / "back")
     assert not (tmp_path / "back" / "weights.bin").exists()
 

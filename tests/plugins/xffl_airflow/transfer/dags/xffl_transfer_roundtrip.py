@@ -16,7 +16,9 @@ def xffl_transfer_roundtrip():
 
         conf = context["dag_run"].conf
         site = RemoteFacility(name="site1", conn_id="facility_site1", workdir=conf["workdir"])
-        return push(Path(conf["model_dir"]), site, conf["remote_dir"], progress_interval=0.2, max_mbps=40).to_dict()
+        return push(
+            Path(conf["model_dir"]), site, conf["remote_dir"], progress_interval=0.2, max_mbps=40
+        ).to_dict()
 
     @task
     def pull_model(pushed: dict, **context) -> dict:
@@ -26,7 +28,9 @@ def xffl_transfer_roundtrip():
 
         conf = context["dag_run"].conf
         site = RemoteFacility(name="site1", conn_id="facility_site1", workdir=conf["workdir"])
-        report = pull(site, conf["remote_dir"], Path(conf["back_dir"]), progress_interval=0.2, max_mbps=40)
+        report = pull(
+            site, conf["remote_dir"], Path(conf["back_dir"]), progress_interval=0.2, max_mbps=40
+        )
         if report.files != pushed["files"]:
             raise ValueError(f"pulled {report.files}, pushed {pushed['files']}")
         return report.to_dict()
