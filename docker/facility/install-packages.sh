@@ -14,6 +14,7 @@ declare -A NEEDED=(
     [sshd]=openssh-server
     [ssh-keygen]=openssh-client
     [sftp]=openssh-client
+    [openssl]=openssl   # fast sha256 of transferred files (coreutils sha256sum is far slower)
 )
 # Packages checked by name: the facility-side Python (Debian's, readable by the facility users).
 EXTRA_PACKAGES="python3 python3-venv ${XFFL_EXTRA_SYSTEM_PACKAGES:-}"

@@ -156,10 +156,16 @@ def connect_options(target: SSHTarget) -> dict[str, Any]:
     return options
 
 
-async def connect(target: SSHTarget) -> asyncssh.SSHClientConnection:
-    """Opens an SSH connection with the host key checked; errors name the connection and host."""
+async def connect(target: SSHTarget, **overrides: Any) -> asyncssh.SSHClientConnection:
+    """Opens an SSH connection with the host key checked; errors name the connection and host.
+
+    ``overrides`` are further ``asyncssh.connect`` options (ciphers, window sizes, a tunnel);
+    the host-key check cannot be overridden.
+    """
+    if "known_hosts" in overrides:
+        raise ValueError("connect() keeps the connection's pinned host key; known_hosts cannot be overridden")
     try:
-        return await asyncssh.connect(**connect_options(target))
+        return await asyncssh.connect(**{**connect_options(target), **overrides})
     except asyncssh.HostKeyNotVerifiable as error:
         raise FacilityConnectionError(
             target.conn_id, f"host key of {target.host}:{target.port} does not match the pinned key ({error})"

@@ -22,7 +22,7 @@ from typing import Any
 
 import asyncssh
 
-from xffl_airflow.ssh import FacilityConnectionError, SSHTarget, connect_options
+from xffl_airflow.ssh import FacilityConnectionError, SSHTarget, connect
 from xffl_airflow.transfer.options import TransferOptions
 
 # asyncssh logs every channel at INFO, and a transfer opens a dozen (SFTP channels, hashing
@@ -134,15 +134,14 @@ class _GatheringConnector:
 
 
 def bulk_options(target: SSHTarget, options: TransferOptions) -> dict[str, Any]:
-    """``asyncssh.connect`` keywords: the facility's (host key pinned) plus bulk-transfer tuning."""
+    """The bulk-transfer tuning added to the facility's ``asyncssh.connect`` options."""
     supported = {alg.decode() for alg in asyncssh.encryption.get_encryption_algs()}
     ciphers = [c for c in options.ciphers if c in supported]
     if not ciphers:
         raise FacilityConnectionError(
             target.conn_id, f"none of the ciphers {list(options.ciphers)} is available in asyncssh"
         )
-    tuned = {
-        **connect_options(target),
+    tuned: dict[str, Any] = {
         "encryption_algs": ciphers,
         "compression_algs": ["none"],
         "window": options.window,
@@ -156,21 +155,5 @@ def bulk_options(target: SSHTarget, options: TransferOptions) -> dict[str, Any]:
 async def open_connection(
     target: SSHTarget, options: TransferOptions
 ) -> asyncssh.SSHClientConnection:
-    """Opens the attempt's SSH connection; errors are ``FacilityConnectionError`` as in ``ssh.connect``."""
-    try:
-        return await asyncssh.connect(**bulk_options(target, options))
-    except asyncssh.HostKeyNotVerifiable as error:
-        raise FacilityConnectionError(
-            target.conn_id,
-            f"host key of {target.host}:{target.port} does not match the pinned key ({error})",
-        ) from None
-    except asyncssh.PermissionDenied as error:
-        raise FacilityConnectionError(
-            target.conn_id, f"{target.address} refused the login ({error})"
-        ) from None
-    except (OSError, TimeoutError, asyncssh.Error) as error:
-        raise FacilityConnectionError(
-            target.conn_id,
-            f"cannot reach {target.address}: {type(error).__name__}: {error}",
-            retryable=True,
-        ) from None
+    """Opens the attempt's SSH connection (host key pinned, errors as ``ssh.connect``'s)."""
+    return await connect(target, **bulk_options(target, options))

@@ -10,7 +10,7 @@ import asyncio
 import socket
 
 import pytest
-from xffl_airflow.ssh import FacilityConnectionError, SSHTarget
+from xffl_airflow.ssh import FacilityConnectionError, SSHTarget, connect
 from xffl_airflow.transfer import TransferOptions
 from xffl_airflow.transfer.connection import _GatheringConnector, _GatheringTransport, bulk_options
 
@@ -25,16 +25,21 @@ TARGET = SSHTarget(
 )
 
 
-def test_bulk_options_keep_the_pinned_host_key_and_add_the_tuning():
+def test_bulk_options_add_the_tuning_and_never_touch_the_host_key():
     options = bulk_options(
         TARGET, TransferOptions(ciphers=("no-such-cipher", "aes128-gcm@openssh.com"))
     )
-    assert options["known_hosts"] is not None and options["client_keys"] == ["/keys/alice"]
+    assert "known_hosts" not in options and "client_keys" not in options
     assert options["encryption_algs"] == ["aes128-gcm@openssh.com"]
     assert options["compression_algs"] == ["none"]
     assert (options["window"], options["max_pktsize"]) == (16 << 20, 256 << 10)
     assert isinstance(options["tunnel"], _GatheringConnector)
     assert "tunnel" not in bulk_options(TARGET, TransferOptions(gather_writes=False))
+
+
+def test_connect_refuses_to_override_the_pinned_host_key():
+    with pytest.raises(ValueError, match="known_hosts cannot be overridden"):
+        asyncio.run(connect(TARGET, known_hosts=None))
 
 
 def test_no_usable_cipher_is_named():
