@@ -1,26 +1,32 @@
 """Benchmark: our training loop against a plain ``transformers.Trainer``, in one run.
 
-    python benchmarks/train.py [--steps 60] [--batch-size 8] [--seq-len 128] [--threads 1] [--repeat 3]
+    python benchmarks/train.py [--steps 60] [--batch-size 8] [--seq-len 128] [--threads 1]
+                               [--repeat 5] [--sequential]
 
 Makes the tiny model and corpora (``xffl_tasks.tiny``) in a temporary folder (deleted at the
 end), then trains the same model on the same Italian training sequences, for the same number
 of optimizer steps with the same batch size, sequence length, learning rate, cosine schedule,
-gradient clipping, fp32 precision and CPU threads:
+gradient clipping, fused AdamW, fp32 precision and CPU threads:
 
 - ours: ``xffl_tasks.train`` (its ``run``: validation before and after, and the save, are
   outside the timed loop);
 - baseline: ``transformers.Trainer`` (accelerate underneath) on a dataset of the very same
   sequences (``input_ids`` = ``labels``), no evaluation, no saving, no logging integrations.
 
-Each contender runs in a child process of its own, the two alternating, ``--repeat`` times;
-the seconds are measured inside the child around the training loop only (ours: the loop's own
-clock; Trainer: its ``train_runtime``), not the interpreter start, the imports or the model
-load. Tokens per second = steps x batch size x sequence length / seconds; the best run of each
-is kept, every run is listed. Two steadier figures for a shared machine come beside it: the
-tokens of one step over the median step time (time between the ends of successive optimizer
-steps; ours from the loop, Trainer's from a callback at ``on_step_end``), and the tokens per CPU
-second of the child's process over the loop. Prints one JSON line; the machine may be shared: its load
-average before and after is in the line.
+Each contender runs in a child process of its own, ``--repeat`` times. By default the two run
+at the same time (paired: on a shared machine both then meet the same background load);
+``--sequential`` runs them one after the other instead. Seconds are measured inside the
+child around the training loop only (ours: the loop's own clock; Trainer: its
+``train_runtime``), not the interpreter start, the imports or the model load.
+
+Figures, best run of each contender (every run listed):
+- tokens per second = steps x batch size x sequence length / seconds;
+- tokens per second of the median step (time between the ends of successive optimizer steps;
+  ours from the loop, Trainer's from a callback at ``on_step_end``): steadier against pauses;
+- tokens per CPU second of the child's process over the loop;
+- ``paired_ratio_median``: the median over repetitions of ours / Trainer (median-step figures).
+
+Prints one JSON line; the machine may be shared: its load average before and after is in it.
 """
 
 from __future__ import annotations
@@ -150,7 +156,7 @@ def child_trainer(args: argparse.Namespace) -> dict:
     }
 
 
-def run_child(kind: str, args: argparse.Namespace) -> dict:
+def start_child(kind: str, args: argparse.Namespace) -> subprocess.Popen:
     argv = [
         sys.executable, __file__, "--child", kind, "--tiny", str(args.tiny), "--work", str(args.work),
         "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
@@ -162,12 +168,29 @@ def run_child(kind: str, args: argparse.Namespace) -> dict:
         TRANSFORMERS_NO_ADVISORY_WARNINGS="1",
         OMP_NUM_THREADS=str(args.threads),
     )
-    result = subprocess.run(
-        argv, check=False, capture_output=True, text=True, cwd=REPO, env=env, timeout=1800
+    return subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    if result.returncode != 0:
-        raise RuntimeError(f"{kind} run failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def finish_child(kind: str, process: subprocess.Popen) -> dict:
+    try:
+        stdout, stderr = process.communicate(timeout=1800)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if process.returncode != 0:
+        raise RuntimeError(f"{kind} run failed:\n{stderr[-4000:]}")
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_pair(args: argparse.Namespace) -> dict[str, dict]:
+    """Both contenders, at the same time (paired) or one after the other (sequential)."""
+    if args.sequential:
+        return {kind: finish_child(kind, start_child(kind, args)) for kind in ("ours", "trainer")}
+    processes = {kind: start_child(kind, args) for kind in ("ours", "trainer")}
+    return {kind: finish_child(kind, process) for kind, process in processes.items()}
 
 
 def main() -> int:
@@ -176,7 +199,10 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--sequential", action="store_true", help="one contender after the other, not both at once"
+    )
     parser.add_argument("--child", choices=("ours", "trainer"), help=argparse.SUPPRESS)
     parser.add_argument("--tiny", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -195,8 +221,8 @@ def main() -> int:
         args.tiny = make_tiny(args.work / "tiny", seed=0)
         runs: dict[str, list[dict]] = {"ours": [], "trainer": []}
         for _ in range(args.repeat):
-            for kind in ("ours", "trainer"):
-                runs[kind].append(run_child(kind, args))
+            for kind, result in run_pair(args).items():
+                runs[kind].append(result)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
 
@@ -209,6 +235,9 @@ def main() -> int:
         return args.batch_size * args.seq_len / run["step_seconds_median"]
 
     best_step = {kind: max(step_rate(r) for r in kind_runs) for kind, kind_runs in runs.items()}
+    paired_ratios = [
+        step_rate(o) / step_rate(t) for o, t in zip(runs["ours"], runs["trainer"], strict=True)
+    ]
     best_cpu = {
         kind: max(tokens_per_second(r, "cpu_seconds") for r in kind_runs)
         for kind, kind_runs in runs.items()
@@ -219,6 +248,7 @@ def main() -> int:
     line = {
         "benchmark": "train",
         "model": "tiny LLaMA (xffl_tasks.tiny, seed 0)",
+        "mode": "sequential" if args.sequential else "paired",
         "steps": args.steps,
         "batch_size": args.batch_size,
         "seq_len": args.seq_len,
@@ -229,6 +259,8 @@ def main() -> int:
         "ours_tokens_per_second_median_step": round(best_step["ours"], 1),
         "trainer_tokens_per_second_median_step": round(best_step["trainer"], 1),
         "median_step_speedup": round(best_step["ours"] / best_step["trainer"], 3),
+        "paired_ratio_median": round(statistics.median(paired_ratios), 3),
+        "paired_ratios": [round(r, 3) for r in paired_ratios],
         "ours_tokens_per_cpu_second": round(best_cpu["ours"], 1),
         "trainer_tokens_per_cpu_second": round(best_cpu["trainer"], 1),
         "cpu_speedup": round(best_cpu["ours"] / best_cpu["trainer"], 3),

@@ -32,8 +32,10 @@ from xffl_tasks.train.config import (
 )
 
 
-class Terminated(TrainingError):
-    """SIGTERM arrived (the job was cancelled or ran out of time)."""
+class Terminated(BaseException):
+    """SIGTERM arrived (the job was cancelled or ran out of time). A BaseException, as
+    KeyboardInterrupt is, so that no ``except Exception`` on the way turns it into another
+    error; ``finally`` blocks still remove the half-written output."""
 
     exit_code = 128 + signal.SIGTERM
 
@@ -125,6 +127,9 @@ def _main(argv: list[str] | None) -> int:
         print(f"{label}: error: {error}", file=sys.stderr)
         return 2
     except TrainingError as error:
+        print(f"{label}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except Terminated as error:
         print(f"{label}: error: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:

@@ -226,7 +226,10 @@ def run_job(
             return state
         time.sleep(2)
     facility.ssh(f"scancel {job_id}", check=False)
-    raise AssertionError(f"training job {name} ({job_id}) did not end in {timeout} s")
+    logs = "".join(p.read_text() for p in home.glob(f"{name}-*.out"))
+    raise AssertionError(
+        f"training job {name} ({job_id}) still {state} after {timeout} s; its output:\n{logs[-6000:]}"
+    )
 
 
 @pytest.mark.slurm

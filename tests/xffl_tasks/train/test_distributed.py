@@ -79,7 +79,8 @@ def test_threads_from_slurm():
         ("cuda", "none", {"fused": True}),
         ("cuda", "ddp", {"fused": True}),
         ("cuda", "fsdp", {}),
-        ("cpu", "ddp", {"foreach": True}),
+        ("cpu", "ddp", {"fused": True}),
+        ("cpu", "fsdp", {}),
     ],
 )
 def test_optimizer_kernels_are_a_valid_adamw_choice(device, parallelism, expected):
