@@ -91,7 +91,7 @@ def write_config(
             }
             for entry in facilities
         ],
-        "training": training or {"max_steps": 30, "threads": 1},
+        "training": training or {"max_steps": 30, "threads": 1, "learning_rate": 0.003, "batch_size": 8, "seq_len": 64},
         "aggregation": aggregation or {"strategy": "fedavg"},
         "convergence": convergence or {"max_rounds": 3},
         "retry": retry or {"retries": 2, "retry_delay_s": 2, "max_retry_delay_s": 10, "train_timeout_h": 1},
