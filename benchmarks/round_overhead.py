@@ -112,6 +112,9 @@ def bench(count: int, rounds: int, work: Path, python: str, facility) -> dict:
         failed = [r["dag_run_id"] for r in ours_runs + floor_runs if r["state"] != "success"]
         if failed:
             raise RuntimeError(f"runs failed: {failed}; logs under {airflow.home / 'logs'}")
+        if TIMELINE:
+            for dag_id, run in ((ours_id, ours_runs[-1]), (floor_id, floor_runs[-1])):
+                print_timeline(airflow, dag_id, run)
         ours, ours_walls = median_overhead(ours_runs)
         floor_overhead, floor_walls = median_overhead(floor_runs)
         return {
@@ -128,6 +131,23 @@ def bench(count: int, rounds: int, work: Path, python: str, facility) -> dict:
 
 
 testbed_env: dict[str, str] = {}
+TIMELINE = False
+
+
+def print_timeline(airflow, dag_id: str, run: dict) -> None:
+    """Each task's start and end, in seconds from the run's start (to stderr)."""
+    start = datetime.fromisoformat(run["start_date"])
+    rows = []
+    for ti in airflow.task_instances(dag_id, run["dag_run_id"]):
+        if ti.get("start_date") and ti.get("end_date"):
+            rows.append((
+                (datetime.fromisoformat(ti["start_date"]) - start).total_seconds(),
+                (datetime.fromisoformat(ti["end_date"]) - start).total_seconds(),
+                ti["task_id"], ti["try_number"],
+            ))  # fmt: skip
+    print(f"-- {dag_id} {run['dag_run_id']}: {run_seconds(run):.2f} s", file=sys.stderr)
+    for began, ended, task_id, tries in sorted(rows):
+        print(f"   {began:7.2f} {ended:7.2f} {ended - began:6.2f}  {task_id} (try {tries})", file=sys.stderr)
 
 
 def main() -> int:
@@ -135,7 +155,10 @@ def main() -> int:
     parser.add_argument("--facilities", default="2,8", help="comma-separated facility counts")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per DAG (the first is not counted)")
     parser.add_argument("--json", action="store_true", help="print only the JSON lines")
+    parser.add_argument("--timeline", action="store_true", help="print the last round's task timeline to stderr")
     args = parser.parse_args()
+    global TIMELINE
+    TIMELINE = args.timeline
     python = str(REPO / ".venv-facility" / "bin" / "python")
     work = Path(tempfile.mkdtemp(prefix="xffl-bench-round."))
     testbed = Testbed.up(1, names=["shared"], python=python, node_cpus=64)

@@ -160,13 +160,33 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
     plt.close(figure)
 
 
-def write_report(campaign_dir: str | Path) -> tuple[str, Path, Path]:
-    """Writes ``report.txt`` and ``report.png`` in the campaign folder; returns the table too."""
+def write_report(campaign_dir: str | Path, *, draw: bool = True) -> tuple[str, Path, Path | None]:
+    """Writes ``report.txt`` and, with ``draw``, ``report.png`` in the campaign folder;
+    returns the table and the two paths (None for a plot not drawn)."""
     campaign_dir = Path(campaign_dir)
     rows = campaign_rows(load_manifests(campaign_dir))
     table = render_table(rows)
     txt = campaign_dir / "report.txt"
     _write_atomic_bytes(txt, lambda tmp: Path(tmp).write_text(table + "\n"))
+    if not draw:
+        return table, txt, None
     png = campaign_dir / "report.png"
     plot(rows, png, title=f"campaign {campaign_dir.name}")
     return table, txt, png
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m xffl_airflow.federation.report CAMPAIGN_DIR``: the table and the plot, now."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m xffl_airflow.federation.report", description=main.__doc__)
+    parser.add_argument("campaign_dir")
+    args = parser.parse_args(argv)
+    table, txt, png = write_report(args.campaign_dir)
+    print(table)
+    print(f"\n{txt}\n{png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -415,8 +415,9 @@ def finalize_round(
     log.info("round %d of %s: %s; manifest %s", round_number, plan["campaign"], decision.reason, path)
     from xffl_airflow.federation.report import write_report
 
-    table, txt, png = write_report(layout.campaign_dir)
-    log.info("campaign %s so far:\n%s\nreport: %s and %s", plan["campaign"], table, txt, png)
+    # the table every round; the plot (matplotlib: about a second) when the campaign ends
+    table, txt, png = write_report(layout.campaign_dir, draw=decision.stop)
+    log.info("campaign %s so far:\n%s\nreport: %s%s", plan["campaign"], table, txt, f" and {png}" if png else "")
     return {
         "stop": decision.stop,
         "reason": decision.reason,

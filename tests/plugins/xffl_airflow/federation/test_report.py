@@ -48,3 +48,16 @@ def test_rows_table_and_plot(tmp_path):
     text, txt, png = write_report(campaign)
     assert text == table and txt.read_text().strip() == table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_the_table_alone_and_the_command_line(tmp_path, capsys):
+    from xffl_airflow.federation.report import main
+
+    campaign = tmp_path / "demo"
+    folder = campaign / "round-0000"
+    folder.mkdir(parents=True)
+    write_manifest(folder, manifest(0, {"italy": 6.0}), None)
+    text, txt, png = write_report(campaign, draw=False)
+    assert png is None and not (campaign / "report.png").exists() and "italy" in text
+    assert main([str(campaign)]) == 0
+    assert (campaign / "report.png").is_file() and "loss before" in capsys.readouterr().out
