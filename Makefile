@@ -29,13 +29,14 @@ PIP_QUIET := 2> >(grep -v "is ignored: it is neither" >&2)
 
 XFFL_TASKS_SOURCES := $(shell find xffl_tasks -name '*.py' 2>/dev/null)
 
-.PHONY: help setup system-packages demo test test-unit lock clean
+.PHONY: help setup system-packages demo test test-unit lint lock clean
 
 help:
 	@echo "make demo       run the main job on the embedded default (does its own set-up)"
 	@echo "make test       run every test (does its own set-up)"
 	@echo "make test-unit  run the tests that need no facility, Airflow service or database"
 	@echo "make setup      only the set-up: system packages, .venv, the facility environment"
+	@echo "make lint       ruff over the whole tree"
 	@echo "make lock       regenerate requirements.lock and requirements-facility.lock"
 	@echo "make clean      remove the virtualenvs"
 
@@ -72,6 +73,9 @@ test: setup
 
 test-unit: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest -m "not slurm and not airflow_live and not postgres" $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/python -m ruff check .
 
 lock:
 	PYTHON=$(PYTHON) scripts/lock.sh

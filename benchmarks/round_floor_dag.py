@@ -12,7 +12,6 @@ from datetime import datetime, timedelta, timezone
 
 from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
 from airflow.sdk import DAG, BaseOperator, TaskGroup, get_current_context, task
-
 from xffl_airflow.federation.next_round import NextRoundTriggerOperator
 
 FACILITIES = 2  # replaced by the benchmark

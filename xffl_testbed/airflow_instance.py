@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from xffl_testbed.processes import alive, terminate, with_descendants
+from xffl_testbed.processes import terminate, with_descendants
 
 REPO = Path(__file__).resolve().parent.parent
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
