@@ -14,6 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 from airflow.sdk import DAG, Param, TaskGroup, task
 from airflow.sdk.definitions.context import get_current_context
+from airflow.sdk.exceptions import AirflowFailException
 
 from xffl_airflow.federation.config import load_config
 from xffl_airflow.federation.next_round import NextRoundTriggerOperator
@@ -28,6 +29,28 @@ Trigger with `campaign` and `round` (0 starts a campaign); the run of round N+1 
 round N unless the campaign converged. Retries of a facility's push, train and pull are
 automatic; a facility that still fails is left out of the round if the quorum allows.
 """
+
+
+# Local steps (prepare, aggregate, finalize, the decision) retry what passes: Airflow's API or
+# database away for a while, a full disk freed. What the round refuses does not pass and fails
+# at once (see ``_refusals_fail_at_once``).
+LOCAL_RETRIES = {
+    "retries": 3,
+    "retry_delay": timedelta(seconds=10),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=2),
+}
+
+
+def _refusals_fail_at_once(step, /, *args, **kwargs):
+    """Runs a round step; a config or round refusal fails the task without retries."""
+    from xffl_airflow.federation.config import ConfigError
+    from xffl_airflow.federation.rounds import RoundError
+
+    try:
+        return step(*args, **kwargs)
+    except (ConfigError, RoundError) as error:
+        raise AirflowFailException(f"{type(error).__name__}: {error}") from error
 
 
 def _record_failure(context) -> None:
@@ -70,13 +93,14 @@ def build_federation_dag(config_path: str) -> DAG:
         doc_md=DOC.format(config=config_path, facilities=", ".join(names)),
     ) as dag:
 
-        @task
+        @task(**LOCAL_RETRIES)
         def prepare() -> dict:
             from xffl_airflow.federation.rounds import prepare_round
 
             context = get_current_context()
             params, dag_run = context["params"], context["dag_run"]
-            return prepare_round(
+            return _refusals_fail_at_once(
+                prepare_round,
                 config_path=params["config"],
                 dag_id=dag.dag_id,
                 dag_facilities=names,
@@ -120,21 +144,22 @@ def build_federation_dag(config_path: str) -> DAG:
                 pushed >> train >> pulled
                 pulls.append(pulled)
 
-        @task(trigger_rule="all_done")
+        @task(trigger_rule="all_done", **LOCAL_RETRIES)
         def aggregate() -> dict:
             from xffl_airflow.federation.rounds import aggregate_round
 
             ti = get_current_context()["ti"]
             pulled = {n: ti.xcom_pull(task_ids=f"{n}.pull") for n in names}
-            return aggregate_round(ti.xcom_pull(task_ids="prepare"), pulled)
+            return _refusals_fail_at_once(aggregate_round, ti.xcom_pull(task_ids="prepare"), pulled)
 
-        @task
+        @task(**LOCAL_RETRIES)
         def finalize(plan: dict, aggregated: dict) -> dict:
             from xffl_airflow.federation.rounds import finalize_round
 
             context = get_current_context()
             ti = context["ti"]
-            return finalize_round(
+            return _refusals_fail_at_once(
+                finalize_round,
                 plan,
                 pushed={n: ti.xcom_pull(task_ids=f"{n}.push") for n in names},
                 trained={n: ti.xcom_pull(task_ids=f"{n}.train") for n in names},
@@ -143,7 +168,7 @@ def build_federation_dag(config_path: str) -> DAG:
                 run_id_value=context["run_id"],
             )
 
-        @task.short_circuit
+        @task.short_circuit(**LOCAL_RETRIES)
         def continue_campaign(decision: dict) -> bool:
             return not decision["stop"]
 

@@ -26,6 +26,15 @@ from xffl_tasks.manifest import MANIFEST, hash_tree, round_dirs, write_json_atom
 log = logging.getLogger(__name__)
 
 
+class ConnectionsUnavailable(RuntimeError):
+    """A facility's Airflow connection could not be read (retried, not refused).
+
+    The connection is missing, or Airflow's API did not answer: the task SDK reports both as
+    "isn't defined", so the task retries, and adding the connection or the API coming back lets
+    the round go on.
+    """
+
+
 class RoundError(RuntimeError):
     """A round cannot go on; the message says which campaign, round and facility, and why."""
 
@@ -129,7 +138,7 @@ def check_connections(config: FederationConfig) -> None:
         except FacilityConnectionError as error:
             problems.append(f"facilities[{index}].conn_id ({facility.name}): {error}")
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ConnectionsUnavailable("\n".join(problems))
 
 
 def prepare_round(

@@ -137,9 +137,10 @@ def test_a_missing_connection_stops_the_round_before_any_facility_work(
         facilities=[LocalFacility(site1, corpora[site1.name]), nowhere],
     )  # fmt: skip
     run_id = "xffl__noconn__round-0000"
-    assert airflow.wait_for_run(dag_id, run_id, timeout=300) == "failed"
+    assert airflow.wait_for_run(dag_id, run_id, timeout=600) == "failed"  # prepare retries first
     states = ti_states(airflow, dag_id, run_id)
     assert states["prepare"]["state"] == "failed"
+    assert states["prepare"]["try_number"] == 4  # retried: the connection may be added meanwhile
     assert {states[f"{n}.push"]["state"] for n in ("site1", "nowhere")} == {"upstream_failed"}
     log = airflow.task_log(dag_id, run_id, "prepare", try_number=states["prepare"]["try_number"])
     assert "facilities[1].conn_id (nowhere)" in log and "facility_nowhere" in log
