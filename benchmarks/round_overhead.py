@@ -39,7 +39,7 @@ from xffl_testbed.campaign import (  # noqa: E402
     wait_for_campaign,
     write_config,
 )
-from xffl_testbed.facilities import Testbed  # noqa: E402
+from xffl_testbed.facilities import Testbed, facility_python  # noqa: E402
 
 SLEEP_COMMAND = (
     "sleep 1 && rm -rf {out}.part && mkdir -p {out}.part && cp {model}/* {out}.part/ && "
@@ -159,7 +159,7 @@ def main() -> int:
     args = parser.parse_args()
     global TIMELINE
     TIMELINE = args.timeline
-    python = str(REPO / ".venv-facility" / "bin" / "python")
+    python = facility_python()
     work = Path(tempfile.mkdtemp(prefix="xffl-bench-round."))
     testbed = Testbed.up(1, names=["shared"], python=python, node_cpus=64)
     try:

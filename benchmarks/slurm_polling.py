@@ -30,7 +30,7 @@ from xffl_airflow.hooks import slurm_poller
 from xffl_airflow.hooks.slurm import remote_command_count
 from xffl_airflow.triggers.slurm import SlurmJobTrigger
 
-from xffl_testbed.facilities import Testbed
+from xffl_testbed.facilities import Testbed, facility_python
 
 
 def submit_jobs(facility, count: int, seconds: int) -> list[str]:
@@ -123,9 +123,7 @@ def main() -> None:
     # the jobs' log lines (the triggers' INFO lines) would drown the one JSON line
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    python = os.environ.get("XFFL_FACILITY_PYTHON") or str(
-        REPO / ".venv-facility" / "bin" / "python"
-    )
+    python = facility_python()
     bed = Testbed.up(1, names=["bench"], python=python if Path(python).exists() else None)
     try:
         facility = bed.facilities[0]

@@ -42,7 +42,9 @@ os.environ.update(
 
 def facility_python() -> str:
     """The facility-side Python (no Airflow) that `make` installs; jobs at the facilities run it."""
-    python = os.environ.get("XFFL_FACILITY_PYTHON") or str(REPO / ".venv-facility" / "bin" / "python")
+    from xffl_testbed.facilities import facility_python as default_facility_python
+
+    python = default_facility_python()
     if not Path(python).exists():
         pytest.fail(f"no facility environment at {python}: run the tests with `make test`")
     return python

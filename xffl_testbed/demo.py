@@ -21,7 +21,7 @@ from pathlib import Path
 
 from xffl_testbed.airflow_instance import AirflowInstance
 from xffl_testbed.campaign import campaign_runs, make_tiny, place_private_data, wait_for_campaign
-from xffl_testbed.facilities import Testbed
+from xffl_testbed.facilities import Testbed, facility_python
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLE = REPO / "plugins" / "xffl_airflow" / "federation" / "examples" / "local.yaml"
@@ -37,7 +37,7 @@ def main() -> int:
     started = time.monotonic()
     work = Path(os.environ.get("XFFL_DEMO_DIR", REPO / ".demo")).resolve()
     keep = os.environ.get("XFFL_DEMO_KEEP", "") not in ("", "0", "false")
-    python = os.environ.get("XFFL_FACILITY_PYTHON", str(REPO / ".venv-facility" / "bin" / "python"))
+    python = facility_python()
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)

@@ -7,6 +7,7 @@ module only runs them and reads the ``facilities.json`` they write.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,7 +15,24 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "docker" / "facility"
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "docker" / "facility"
+
+
+def facility_python() -> str:
+    """The facility-side Python (xffl_tasks, no Airflow) that ``make`` installs.
+
+    ``XFFL_FACILITY_PYTHON`` when set (``make`` exports it), else where the Makefile puts it:
+    ``.venv-facility`` in a checkout the facility users can read, else
+    ``/var/tmp/xffl-airflow-facility-<hash of the checkout's path>``.
+    """
+    if os.environ.get("XFFL_FACILITY_PYTHON"):
+        return os.environ["XFFL_FACILITY_PYTHON"]
+    in_checkout = REPO / ".venv-facility" / "bin" / "python"
+    if in_checkout.exists():
+        return str(in_checkout)
+    digest = hashlib.md5(f"{REPO}\n".encode(), usedforsecurity=False).hexdigest()[:10]
+    return f"/var/tmp/xffl-airflow-facility-{digest}/bin/python"
 
 
 class TestbedError(RuntimeError):
