@@ -86,7 +86,13 @@ def init_process_group(runtime: Runtime) -> None:
 
 
 def close_process_group() -> None:
+    """Every rank meets at a barrier, then the group goes.
+
+    Without the barrier a rank that finished the last collective first tears its side down
+    while the other still reads it, and that one can hang at exit (seen with gloo on CPUs).
+    """
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

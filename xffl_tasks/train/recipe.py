@@ -173,6 +173,7 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
             if failure is not None:
                 raise failure
             raise TrainingError("rank 0 could not write the output; see its log")
+        del model  # a DDP wrapper holds the process group: released before the group goes
         distributed.close_process_group()
         log.info(
             "wrote %s: %d steps, %d samples, %.0f tokens/s",
