@@ -29,6 +29,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def owner(pid: int) -> int | None:
+    """The user ID a process runs as, or None once it has gone (short-lived helpers come and go)."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        return None
+
+
 def with_descendants(pids: list[int] | set[int]) -> set[int]:
     """``pids`` and every live process below them in the process tree."""
     children: dict[int, list[int]] = {}
