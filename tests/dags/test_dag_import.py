@@ -6,6 +6,7 @@ two example configs that ship with the package (the local one and the two-HPC-ce
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,6 +21,9 @@ def test_every_dag_file_imports_and_builds_the_example_federations(airflow_db, m
     for name in ("STORAGE", "BASE_MODEL", "ITALY_WORKDIR", "ITALY_DATA", "CZECHIA_WORKDIR", "CZECHIA_DATA"):
         monkeypatch.setenv(f"XFFL_{name}", f"/srv/xffl/{name.lower()}")
     monkeypatch.setenv("XFFL_FACILITY_PYTHON", "/opt/xffl/venv/bin/python")
+    for facility in ("italy", "czechia", "centre_a", "centre_b"):  # building looks them up
+        connection = {"conn_type": "ssh", "host": f"login.{facility}.example.org", "login": "xffl"}
+        monkeypatch.setenv(f"AIRFLOW_CONN_FACILITY_{facility.upper()}", json.dumps(connection))
     bag = DagBag(dag_folder=str(DAGS))
     assert bag.import_errors == {}
     files_with_dags = {Path(dag.fileloc).name for dag in bag.dags.values()}

@@ -4,8 +4,9 @@
             -> continue? -> next round (TriggerDagRunOperator, run id from campaign and round)
 
 Wiring only: what the tasks do is in ``rounds.py``. Building reads and validates the config
-(no torch, no network), so a config that does not validate is an import error of the DAG file
-that names the file and the field, and no run can start.
+and looks up the facilities' connections in Airflow (no torch, no network), so a config that
+does not validate, or names a connection Airflow does not have, is an import error of the DAG
+file that names the file and the field, and no run can start.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from airflow.sdk.definitions.context import get_current_context
 from airflow.sdk.exceptions import AirflowFailException
 
 from xffl_airflow.federation.config import load_config
+from xffl_airflow.federation.connections import refuse_missing_connections
 from xffl_airflow.federation.next_round import NextRoundTriggerOperator
 from xffl_airflow.operators.slurm import SlurmOperator
 
@@ -64,6 +66,7 @@ def _record_failure(context) -> None:
 
 def build_federation_dag(config_path: str) -> DAG:
     config = load_config(config_path)
+    refuse_missing_connections(config, config_path)
     names = [f.name for f in config.facilities]
     remote_retries = {
         "retries": config.retry.retries,

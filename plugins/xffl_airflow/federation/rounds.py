@@ -19,20 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from xffl_airflow.federation.config import ConfigError, FederationConfig, config_sha256, load_config
+from xffl_airflow.federation.connections import check_connections
 from xffl_airflow.federation.convergence import RoundOutcome, decide, weighted_loss
 from xffl_airflow.federation.layout import CampaignLayout, RemoteLayout, run_id
 from xffl_tasks.manifest import MANIFEST, hash_tree, round_dirs, write_json_atomic, write_manifest
 
 log = logging.getLogger(__name__)
-
-
-class ConnectionsUnavailable(RuntimeError):
-    """A facility's Airflow connection could not be read (retried, not refused).
-
-    The connection is missing, or Airflow's API did not answer: the task SDK reports both as
-    "isn't defined", so the task retries, and adding the connection or the API coming back lets
-    the round go on.
-    """
 
 
 class RoundError(RuntimeError):
@@ -125,20 +117,6 @@ def training_command(config: FederationConfig, facility_name: str, remote: Remot
 
 def batch_preamble(config: FederationConfig, facility_name: str) -> list[str]:
     return list(config.facility(facility_name).preamble)
-
-
-def check_connections(config: FederationConfig) -> None:
-    """Every facility's Airflow connection exists and is usable (host key pinned)."""
-    from xffl_airflow.ssh import FacilityConnectionError, get_target
-
-    problems = []
-    for index, facility in enumerate(config.facilities):
-        try:
-            get_target(facility.connection_id)
-        except FacilityConnectionError as error:
-            problems.append(f"facilities[{index}].conn_id ({facility.name}): {error}")
-    if problems:
-        raise ConnectionsUnavailable("\n".join(problems))
 
 
 def prepare_round(

@@ -11,16 +11,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.plugins.xffl_airflow.federation.campaign_support import (
+    TRAINING,
     run_campaign,
     running_jobs,
     ti_states,
 )
-from xffl_testbed.campaign import LocalFacility, install_federation_dag, wait_for_campaign
+from xffl_testbed.airflow_instance import AirflowError
+from xffl_testbed.campaign import (
+    LocalFacility,
+    install_federation_dag,
+    wait_for_campaign,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.airflow_live, pytest.mark.slow]
 
@@ -126,25 +134,65 @@ def test_a_facility_down_for_good_is_left_out_when_the_quorum_allows(airflow_ins
     assert states["gone.train"]["state"] == "upstream_failed"
 
 
-def test_a_missing_connection_stops_the_round_before_any_facility_work(
+def import_errors_of(airflow, dag_file: Path) -> list[str]:
+    errors = airflow.api("GET", "importErrors").get("import_errors", [])
+    return [e["stack_trace"] for e in errors if e["filename"].endswith(dag_file.name)]
+
+
+def wait_until(predicate, *, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"{what}: not within {timeout:.0f} s")
+
+
+def test_a_missing_connection_is_refused_by_the_dag_and_an_unusable_one_by_the_round(
     airflow_instance, testbed, corpora, tiny, storage
 ):
     airflow = airflow_instance
     site1, _ = testbed.facilities
     nowhere = LocalFacility(site1, corpora[site1.name], name="nowhere", conn_id="facility_nowhere")
-    dag_id = run_campaign(
-        airflow, testbed, corpora, tiny, storage, campaign="noconn",
-        facilities=[LocalFacility(site1, corpora[site1.name]), nowhere],
+    config = write_config(
+        storage / "noconn.yaml", campaign="noconn", storage=storage, base_model=tiny / "model",
+        python=site1.python, training=TRAINING, facilities=[LocalFacility(site1, corpora[site1.name]), nowhere],
     )  # fmt: skip
-    run_id = "xffl__noconn__round-0000"
-    assert airflow.wait_for_run(dag_id, run_id, timeout=600) == "failed"  # prepare retries first
-    states = ti_states(airflow, dag_id, run_id)
-    assert states["prepare"]["state"] == "failed"
-    assert states["prepare"]["try_number"] == 4  # retried: the connection may be added meanwhile
-    assert {states[f"{n}.push"]["state"] for n in ("site1", "nowhere")} == {"upstream_failed"}
-    log = airflow.task_log(dag_id, run_id, "prepare", try_number=states["prepare"]["try_number"])
-    assert "facilities[1].conn_id (nowhere)" in log and "facility_nowhere" in log
-    assert not (storage / "noconn" / "round-0000" / "clients").exists()
+    dag_id, run_id = "xffl_noconn", "xffl__noconn__round-0000"
+    dag_file = install_federation_dag(airflow.dags_folder, config, name="noconn")
+    try:
+        # Parsing refuses the DAG, naming the config, the field and the connection: no run can start.
+        (error,) = wait_until(lambda: import_errors_of(airflow, dag_file), timeout=120, what="import error")
+        assert str(config) in error and "facilities[1].conn_id (nowhere)" in error and "facility_nowhere" in error
+        assert "facilities[0]" not in error  # site1's connection exists
+        with pytest.raises(AirflowError, match=" 404 "):
+            airflow.trigger(dag_id, run_id=run_id, conf={"round": 0})
+
+        # Added, but with no host key to check against: the next parse builds the DAG; the round
+        # refuses the connection (prepare retries first: the API may have been away) and no
+        # facility work starts.
+        extra = {"key_file": site1.client_key, "known_hosts": str(storage / "no-known-hosts")}
+        airflow.api("POST", "connections", json={"connection_id": "facility_nowhere", **site1.connection, "extra": json.dumps(extra)})
+        wait_until(lambda: not import_errors_of(airflow, dag_file), timeout=120, what="import error cleared")
+        airflow.wait_for_dag(dag_id)
+        airflow.trigger(dag_id, run_id=run_id, conf={"round": 0})
+        assert airflow.wait_for_run(dag_id, run_id, timeout=600) == "failed"
+        states = ti_states(airflow, dag_id, run_id)
+        assert states["prepare"]["state"] == "failed"
+        assert states["prepare"]["try_number"] == 4  # retried: the connection may be mended meanwhile
+        assert {states[f"{n}.push"]["state"] for n in ("site1", "nowhere")} == {"upstream_failed"}
+        log = airflow.task_log(dag_id, run_id, "prepare", try_number=states["prepare"]["try_number"])
+        assert "facilities[1].conn_id (nowhere)" in log and "host key cannot be checked" in log
+        assert not (storage / "noconn" / "round-0000" / "clients").exists()
+    finally:
+        # the later tests of this session expect a DAG folder without import errors
+        dag_file.unlink(missing_ok=True)
+        wait_until(lambda: not import_errors_of(airflow, dag_file), timeout=120, what="import error gone")
+        try:
+            airflow.api("DELETE", "connections/facility_nowhere")
+        except AirflowError:
+            pass  # never added
 
 
 @pytest.mark.parametrize(

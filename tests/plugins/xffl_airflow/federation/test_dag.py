@@ -1,15 +1,19 @@
-"""The federation DAG's wiring: which steps retry, and which failures are refused at once."""
+"""The federation DAG's wiring: which steps retry, which failures are refused at once, and the
+facilities' connections looked up when it is built (from ``AIRFLOW_CONN_*`` variables here).
+"""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
 import yaml
 from airflow.sdk.exceptions import AirflowFailException
-from xffl_airflow.federation.config import ConfigError
+from xffl_airflow.federation.config import ConfigError, load_config
+from xffl_airflow.federation.connections import ConnectionsUnavailable, connection_problems
 from xffl_airflow.federation.dag import LOCAL_RETRIES, _refusals_fail_at_once, build_federation_dag
-from xffl_airflow.federation.rounds import ConnectionsUnavailable, RoundError
+from xffl_airflow.federation.rounds import RoundError
 
 CONFIG = {
     "campaign": "wiring",
@@ -23,11 +27,49 @@ CONFIG = {
 }
 
 
+CONNECTION = json.dumps({"conn_type": "ssh", "host": "login.example.org", "login": "xffl"})
+
+
 @pytest.fixture
-def dag(tmp_path):
+def config_path(tmp_path):
     path = tmp_path / "federation.yaml"
     path.write_text(yaml.safe_dump(CONFIG))
-    return build_federation_dag(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def connections(monkeypatch):
+    for name in ("italy", "czechia"):
+        monkeypatch.setenv(f"AIRFLOW_CONN_FACILITY_{name.upper()}", CONNECTION)
+
+
+@pytest.fixture
+def dag(config_path, connections):
+    return build_federation_dag(config_path)
+
+
+def test_a_connection_airflow_lacks_refuses_the_dag_naming_file_field_and_id(config_path, connections, monkeypatch):
+    monkeypatch.delenv("AIRFLOW_CONN_FACILITY_CZECHIA")
+    with pytest.raises(ConfigError) as refused:
+        build_federation_dag(config_path)
+    message = str(refused.value)
+    assert message.startswith(f"{config_path}: facilities[1].conn_id (czechia): connection 'facility_czechia'")
+    assert "not defined in Airflow" in message and "italy" not in message
+    monkeypatch.setenv("AIRFLOW_CONN_FACILITY_CZECHIA", CONNECTION)
+    assert build_federation_dag(config_path).dag_id == "xffl_wiring"
+
+
+def test_connection_problems_name_each_facility_that_lookup_cannot_give(config_path):
+    config = load_config(config_path)
+
+    def lookup(conn_id):
+        if conn_id == "facility_italy":
+            raise LookupError("connection 'facility_italy': has no host")
+        return object()
+
+    problems = connection_problems(config, lookup)
+    assert problems == ["facilities[0].conn_id (italy): connection 'facility_italy': has no host"]
+    assert connection_problems(config, lambda conn_id: object()) == []
 
 
 def test_remote_steps_retry_as_configured_and_local_steps_retry_transient_failures(dag):
