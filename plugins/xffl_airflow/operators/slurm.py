@@ -6,8 +6,11 @@ to XCom or raises with the job's state, reason, exit code and log tail.
 
 Exactly once: the job id goes into ``context["task_state_store"]`` as soon as sbatch answers,
 and the job's ``--comment`` carries the task instance (``xffl/<dag>/<run>/<task>/<map>``). A
-retry or a restarted worker re-attaches to that job (found by id, else by its tag) unless it
-ended in failure; a facility that cannot be asked is an error, never a reason to submit again.
+retry or a restarted worker re-attaches to that job (found by id, else by its tag while it is
+queued or running) unless it ended in failure; a facility that cannot be asked is an error,
+never a reason to submit again. Once a job's success has been reported (the task succeeded),
+it is marked so in the store: clearing the task in the UI then runs the command again in a new
+job instead of handing back the old result.
 """
 
 from __future__ import annotations
@@ -193,9 +196,11 @@ class SlurmOperator(BaseOperator):
                 self._job_id = ref["job_id"]
                 if job is not None and job.phase is Phase.SUCCESS:
                     self.log.info("Slurm job %s already ended %s", ref["job_id"], job.state)
-                    return job_report(
+                    report = job_report(
                         job, conn_id=self.ssh_conn_id, log_path=ref.get("log_path"), tz=tz
                     )
+                    _mark_reported(store, ref["job_id"])
+                    return report
             except FacilityConnectionError as error:
                 if error.retryable:
                     raise SlurmJobError(f"task {self.task_id}: {error}") from None
@@ -230,6 +235,12 @@ class SlurmOperator(BaseOperator):
             and stored.get("conn_id") == self.ssh_conn_id
         ):
             job_id = v.check_job_id(stored["job_id"])
+            if stored.get("reported"):
+                self.log.info(
+                    "Job %s of an earlier try succeeded and was reported: submitting anew "
+                    "(the task was cleared to run again)", job_id,
+                )  # fmt: skip
+                return None
             answer = hook.query([job_id])
             job = answer.jobs.get(job_id)
             if job is None and job_id not in answer.lost:
@@ -254,7 +265,9 @@ class SlurmOperator(BaseOperator):
             )
             return stored, job, answer.tz
         tz, found = hook.find_tagged(spec.job_name, tag.comment)
-        alive = [job for job in found if job.phase is not Phase.FAILURE]
+        # Without a stored id only a job still queued or running is taken up: an ended one is
+        # a failure, or a success that an earlier try reported (the task was cleared since).
+        alive = [job for job in found if not job.phase.final]
         if not alive:
             return None
         job = alive[-1]
@@ -307,6 +320,7 @@ class SlurmOperator(BaseOperator):
             "Slurm job %s ended %s: queued %s s, ran %s s", report["job_id"], report["state"],
             report["queue_wait_s"], report["run_s"],
         )  # fmt: skip
+        _mark_reported(context.get("task_state_store"), str(report["job_id"]))
         return report
 
     def on_kill(self) -> None:
@@ -323,6 +337,13 @@ class SlurmOperator(BaseOperator):
             self.log.error(
                 "Could not cancel Slurm job %s on %s: %s", job_id, self.ssh_conn_id, error
             )
+
+
+def _mark_reported(store: Any, job_id: str) -> None:
+    """Records in the store that ``job_id``'s success went to the task's result (XCom)."""
+    stored = store.get(STATE_KEY) if store is not None else None
+    if isinstance(stored, dict) and stored.get("job_id") == job_id:
+        store.set(STATE_KEY, {**stored, "reported": True})
 
 
 def _task_tag(context: Context, task_id: str) -> TaskTag:

@@ -1,7 +1,7 @@
 """SlurmOperator in a DAG under a real Airflow: the task is deferred (no worker slot) while its
 job runs, survives a triggerer restart, streams the job's log into the task log, and ends with
 the right XCom; a try that dies right after submitting is retried onto the same job, through
-Airflow's own task_state_store.
+Airflow's own task_state_store; and clearing the succeeded task runs it again in a new job.
 
 Starts: the session's ``airflow_instance`` (api-server, scheduler, dag-processor, triggerer)
 and ``testbed`` (``site1``, ``site2``); this test restarts the instance's triggerer once. All
@@ -90,3 +90,21 @@ def test_operator_defers_while_the_job_runs_and_retries_onto_the_same_job(instal
     assert f"Re-attaching to Slurm job {submitted.group(1)}" in second_try, second_try[-3000:]
     assert xcom(airflow, run_id, "flaky")["job_id"] == submitted.group(1)
     assert tagged_jobs(site1, f"xffl/{DAG_ID}/{run_id}/flaky/-1") == [submitted.group(1)]
+
+    # cleared in the UI after it succeeded: the task runs its command again, in a new job
+    airflow.api(
+        "POST",
+        f"dags/{DAG_ID}/clearTaskInstances",
+        json={"dry_run": False, "dag_run_id": run_id, "task_ids": ["flaky"], "only_failed": False,
+              "reset_dag_runs": True},
+    )  # fmt: skip
+    wait_until(
+        lambda: states(airflow, run_id)["flaky"]["try_number"] == 3, timeout=60, what="flaky cleared"
+    )
+    assert airflow.wait_for_run(DAG_ID, run_id, timeout=300) == "success"
+    again = xcom(airflow, run_id, "flaky")
+    assert again["state"] == "COMPLETED" and again["job_id"] != submitted.group(1)
+    third_try = airflow.task_log(DAG_ID, run_id, "flaky", try_number=3)
+    assert "succeeded and was reported: submitting anew" in third_try, third_try[-3000:]
+    jobs = sorted(tagged_jobs(site1, f"xffl/{DAG_ID}/{run_id}/flaky/-1"), key=int)
+    assert jobs == [submitted.group(1), again["job_id"]]

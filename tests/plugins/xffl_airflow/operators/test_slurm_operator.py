@@ -77,6 +77,11 @@ def context(task_id: str, request, store: MemoryStateStore | None = None) -> dic
     )
 
 
+def context_of(ctx: dict) -> dict:
+    """The same task instance, with no task_state_store."""
+    return {key: value for key, value in ctx.items() if key != "task_state_store"}
+
+
 def test_completed_job_reports_to_xcom_and_streams_its_log(site1, request):
     op = operator(
         "completes",
@@ -209,6 +214,25 @@ def test_execute_twice_yields_one_job_through_the_tag_when_the_id_was_not_stored
     assert tagged_jobs(site1, f"xffl/{DAG_ID}/{ctx['ti'].run_id}/tagged/-1") == [
         first_trigger.job_id
     ]
+
+
+def test_a_cleared_task_whose_job_succeeded_runs_again_in_a_new_job(site1, request):
+    # the task succeeded; then the user cleared it in the UI to train again
+    store = MemoryStateStore()
+    ctx = context("cleared", request, store)
+    first = run_task(operator("cleared", site1, "echo first"), ctx)
+    assert first["state"] == "COMPLETED"
+    stored = store.get(STATE_KEY)
+    assert (stored["job_id"], stored["reported"]) == (first["job_id"], True)
+    with capture_logs() as logs:
+        second = run_task(operator("cleared", site1, "echo second"), ctx)
+    assert second["state"] == "COMPLETED" and second["job_id"] != first["job_id"]
+    assert any("succeeded and was reported: submitting anew" in line for line in logs.lines)
+    comment = f"xffl/{DAG_ID}/{ctx['ti'].run_id}/cleared/-1"
+    assert sorted(tagged_jobs(site1, comment), key=int) == [first["job_id"], second["job_id"]]
+    # without a store (or with Airflow's clear_on_success), the ended job is not taken up by its tag
+    third = run_task(operator("cleared", site1, "echo third"), context_of(ctx))
+    assert third["job_id"] not in (first["job_id"], second["job_id"])
 
 
 def test_a_retry_after_a_failed_job_submits_a_new_one(site1, request):
