@@ -59,36 +59,32 @@ def _text(value: object, field: str) -> str:
     return value
 
 
-def check_job_name(value: object, field: str = "job_name") -> str:
+def _matching(value: object, field: str, pattern: re.Pattern[str], complaint: str) -> str:
+    """``value`` if it is a string that ``pattern`` matches whole; else an error naming the
+    field, whose message is ``complaint`` with ``{value}`` replaced by the value's repr."""
     text = _text(value, field)
-    if not JOB_NAME_RE.fullmatch(text):
-        raise SlurmInputError(
-            field,
-            f"{text!r} is not a safe job name: use 1-128 of A-Z a-z 0-9 _ . + - (starting with a letter or digit)",
-        )
+    if not pattern.fullmatch(text):
+        raise SlurmInputError(field, complaint.replace("{value}", repr(text)))
     return text
+
+
+def check_job_name(value: object, field: str = "job_name") -> str:
+    return _matching(value, field, JOB_NAME_RE, "{value} is not a safe job name: use 1-128 of "
+                     "A-Z a-z 0-9 _ . + - (starting with a letter or digit)")  # fmt: skip
 
 
 def check_slurm_name(value: object, field: str) -> str:
-    text = _text(value, field)
-    if not SLURM_NAME_RE.fullmatch(text):
-        raise SlurmInputError(
-            field, f"{text!r} is not a valid name: use 1-64 of A-Z a-z 0-9 _ . + -"
-        )
-    return text
+    return _matching(
+        value, field, SLURM_NAME_RE, "{value} is not a valid name: use 1-64 of A-Z a-z 0-9 _ . + -"
+    )
 
 
 def check_job_id(value: object, field: str = "job_id") -> str:
-    text = (
-        str(value)
-        if isinstance(value, int) and not isinstance(value, bool)
-        else _text(value, field)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    return _matching(
+        value, field, JOB_ID_RE, "{value} is not a Slurm job id (such as 123, 123_4 or 123+1)"
     )
-    if not JOB_ID_RE.fullmatch(text):
-        raise SlurmInputError(
-            field, f"{text!r} is not a Slurm job id (such as 123, 123_4 or 123+1)"
-        )
-    return text
 
 
 def check_path(value: object, field: str, *, patterns: bool = False) -> str:
@@ -104,13 +100,8 @@ def check_path(value: object, field: str, *, patterns: bool = False) -> str:
 
 
 def check_comment(value: object, field: str = "comment") -> str:
-    text = _text(value, field)
-    if not COMMENT_RE.fullmatch(text):
-        raise SlurmInputError(
-            field,
-            f"{text!r} is not a safe job comment: use 1-1000 of A-Z a-z 0-9 _ . / @ + = , : ~ -",
-        )
-    return text
+    return _matching(value, field, COMMENT_RE, "{value} is not a safe job comment: use 1-1000 "
+                     "of A-Z a-z 0-9 _ . / @ + = , : ~ -")  # fmt: skip
 
 
 def check_env(env: object, field: str = "env") -> dict[str, str]:
@@ -170,18 +161,10 @@ def check_extra_option(value: object, field: str) -> str:
 
 
 def check_airflow_key(value: object, field: str) -> str:
-    text = _text(value, field)
-    if not AIRFLOW_KEY_RE.fullmatch(text):
-        raise SlurmInputError(
-            field, f"{text!r} must be 1-250 of A-Z a-z 0-9 _ . - to be tagged on a Slurm job"
-        )
-    return text
+    return _matching(value, field, AIRFLOW_KEY_RE,
+                     "{value} must be 1-250 of A-Z a-z 0-9 _ . - to be tagged on a Slurm job")  # fmt: skip
 
 
 def check_run_id(value: object, field: str = "run_id") -> str:
-    text = _text(value, field)
-    if not RUN_ID_RE.fullmatch(text):
-        raise SlurmInputError(
-            field, f"{text!r} must be 1-250 of A-Z a-z 0-9 _ . ~ : + - to be tagged on a Slurm job"
-        )
-    return text
+    return _matching(value, field, RUN_ID_RE,
+                     "{value} must be 1-250 of A-Z a-z 0-9 _ . ~ : + - to be tagged on a Slurm job")  # fmt: skip
