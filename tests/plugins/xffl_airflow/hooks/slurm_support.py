@@ -54,6 +54,18 @@ def use_connections(monkeypatch: pytest.MonkeyPatch, testbed) -> None:
         monkeypatch.setenv(name, value)
 
 
+def facility_of_tests(testbed, monkeypatch: pytest.MonkeyPatch, name: str, owns: Callable[[str], bool]):
+    """Yields the facility ``name`` with the connections set; afterwards cancels the jobs still
+    queued or running whose comment ``owns`` claims (a fixture body: ``yield from`` it)."""
+    use_connections(monkeypatch, testbed)
+    facility = testbed.facility(name)
+    yield facility
+    out = facility.ssh("squeue -h --me -o '%i|%k'", check=False).stdout
+    mine = [job for job, _, comment in (line.partition("|") for line in out.splitlines()) if owns(comment)]
+    if mine:
+        facility.ssh("scancel " + " ".join(mine), check=False)
+
+
 async def first_event(trigger, *, timeout: float = 300) -> dict[str, Any]:
     """Runs the trigger as the triggerer does and returns its first event's payload."""
     async with asyncio.timeout(timeout):

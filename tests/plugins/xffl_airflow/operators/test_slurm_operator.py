@@ -32,12 +32,12 @@ from tests.plugins.xffl_airflow.hooks.slurm_support import (
     MemoryStateStore,
     capture_logs,
     defer,
+    facility_of_tests,
     first_event,
     job_state,
     run_task,
     tagged_jobs,
     task_context,
-    use_connections,
     wait_until,
 )
 
@@ -48,14 +48,8 @@ DAG_ID = "slurm_tests"
 
 @pytest.fixture
 def site1(testbed, monkeypatch):
-    use_connections(monkeypatch, testbed)
-    facility = testbed.facility("site1")
-    yield facility
-    # cancel whatever job of these tests is still queued or running
-    out = facility.ssh("squeue -h --me -o '%i|%k'", check=False).stdout
-    mine = [line.split("|")[0] for line in out.splitlines() if f"xffl/{DAG_ID}/" in line]
-    if mine:
-        facility.ssh("scancel " + " ".join(mine), check=False)
+    # afterwards, whatever job of these tests is still queued or running is cancelled
+    yield from facility_of_tests(testbed, monkeypatch, "site1", lambda comment: f"xffl/{DAG_ID}/" in comment)
 
 
 def operator(task_id: str, facility, command, **kwargs) -> SlurmOperator:

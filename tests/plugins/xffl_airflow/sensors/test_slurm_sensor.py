@@ -16,10 +16,10 @@ from xffl_airflow.triggers.slurm import SlurmJobTrigger
 
 from tests.plugins.xffl_airflow.hooks.slurm_support import (
     defer,
+    facility_of_tests,
     job_state,
     run_task,
     task_context,
-    use_connections,
     wait_until,
 )
 
@@ -29,13 +29,7 @@ COMMENT = "xffl/slurm_sensor_tests/run/t/-1"
 
 @pytest.fixture
 def site1(testbed, monkeypatch):
-    use_connections(monkeypatch, testbed)
-    facility = testbed.facility("site1")
-    yield facility
-    out = facility.ssh("squeue -h --me -o '%i|%k'", check=False).stdout
-    mine = [line.split("|")[0] for line in out.splitlines() if line.endswith(COMMENT)]
-    if mine:
-        facility.ssh("scancel " + " ".join(mine), check=False)
+    yield from facility_of_tests(testbed, monkeypatch, "site1", lambda comment: comment == COMMENT)
 
 
 def submit(facility, script: str, name: str) -> str:

@@ -24,9 +24,9 @@ from xffl_airflow.triggers.slurm import SlurmJobTrigger
 
 from tests.plugins.xffl_airflow.hooks.slurm_support import (
     capture_logs,
+    facility_of_tests,
     first_event,
     job_state,
-    use_connections,
     wait_until,
 )
 
@@ -35,13 +35,7 @@ COMMENT = "xffl/slurm_trigger_tests/run/t/-1"
 
 @pytest.fixture
 def site1(testbed, monkeypatch):
-    use_connections(monkeypatch, testbed)
-    facility = testbed.facility("site1")
-    yield facility
-    out = facility.ssh("squeue -h --me -o '%i|%k'", check=False).stdout
-    mine = [line.split("|")[0] for line in out.splitlines() if line.endswith(COMMENT)]
-    if mine:
-        facility.ssh("scancel " + " ".join(mine), check=False)
+    yield from facility_of_tests(testbed, monkeypatch, "site1", lambda comment: comment == COMMENT)
 
 
 def submit(facility, script: str, *extra: str) -> tuple[str, str]:
