@@ -1,4 +1,5 @@
-"""The tuned connection options and the gathering transport (no SSH server needed).
+"""The tuned connection options, the gathering transport and the dropped ignore packets (no SSH
+server needed; test_transfer_live.py counts the packets of a real connection).
 
 The transport is checked over a real socket pair: what the SSH layer writes during one turn of
 the event loop reaches the socket as one ``send``, in order, and closing flushes it.
@@ -10,9 +11,16 @@ import asyncio
 import socket
 
 import pytest
+from asyncssh.constants import MSG_CHANNEL_DATA, MSG_IGNORE
+from asyncssh.encryption import BasicEncryption, ChachaEncryption, GCMEncryption
 from xffl_airflow.ssh import FacilityConnectionError, SSHTarget, connect
 from xffl_airflow.transfer import TransferOptions
-from xffl_airflow.transfer.connection import _GatheringConnector, _GatheringTransport, bulk_options
+from xffl_airflow.transfer.connection import (
+    _GatheringConnector,
+    _GatheringTransport,
+    bulk_options,
+    drop_ignores_under_aead,
+)
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGweSu7R6TPYPF70Lko35SziDPAo/sJvCT/bxDIOc9Ig"
 TARGET = SSHTarget(
@@ -117,3 +125,50 @@ def test_the_connector_carries_bytes_both_ways_over_a_real_socket():
         writer.close()
 
     assert asyncio.run(scenario()) == b"hello facility"
+
+
+class SendingConnection:
+    """What ``drop_ignores_under_aead`` needs of an asyncssh connection: ``send_packet``, the
+    send cipher, and asyncssh's habit of inserting an ignore from inside ``send_packet``."""
+
+    def __init__(self, encryption):
+        self._send_encryption = encryption
+        self.sent: list[tuple[int, tuple]] = []
+
+    def send_packet(self, pkttype, *args, handler=None):
+        if self._send_encryption is not None and pkttype > 49:  # asyncssh's own insertion
+            self.send_packet(MSG_IGNORE, b"\0\0\0\0")
+        self.sent.append((pkttype, args))
+
+
+@pytest.mark.parametrize("aead", [GCMEncryption, ChachaEncryption])
+def test_the_ignore_before_each_packet_is_dropped_under_an_aead_cipher(aead):
+    conn = SendingConnection(object.__new__(aead))
+    drop_ignores_under_aead(conn)
+    conn.send_packet(MSG_CHANNEL_DATA, b"\0\0\0\1", b"\0\0\0\4data")
+    conn.send_packet(MSG_IGNORE, b"\0\0\0\3pad")  # an ignore with content is not ours to drop
+    assert conn.sent == [
+        (MSG_CHANNEL_DATA, (b"\0\0\0\1", b"\0\0\0\4data")),
+        (MSG_IGNORE, (b"\0\0\0\3pad",)),
+    ]
+
+
+@pytest.mark.parametrize("encryption", [None, "cbc-or-ctr"])
+def test_ignores_stay_before_encryption_and_under_other_ciphers(encryption):
+    conn = SendingConnection(None if encryption is None else object.__new__(BasicEncryption))
+    drop_ignores_under_aead(conn)
+    conn.send_packet(MSG_CHANNEL_DATA, b"\0\0\0\1")
+    expected = [(MSG_CHANNEL_DATA, (b"\0\0\0\1",))]
+    if encryption is not None:
+        expected.insert(0, (MSG_IGNORE, (b"\0\0\0\0",)))
+    assert conn.sent == expected
+
+
+def test_a_connection_without_the_expected_attributes_is_left_alone():
+    class Other:
+        def send_packet(self, *args):
+            return "sent"
+
+    other = Other()
+    drop_ignores_under_aead(other)
+    assert "send_packet" not in vars(other) and other.send_packet(MSG_IGNORE, b"\0\0\0\0") == "sent"

@@ -216,6 +216,33 @@ def test_other_tuning_moves_the_same_bytes(site, model_dir, tmp_path):
     assert pushed.files == fetched.files == hashes_of(model_dir) == hashes_of(tmp_path / "plain")
 
 
+@pytest.mark.parametrize("gather_writes", [True, False])
+def test_under_aes_gcm_the_client_sends_no_ignore_packets(site, tmp_path, monkeypatch, gather_writes):
+    """asyncssh's ignore before every encrypted packet is dropped by the gathering connector
+    (counted where asyncssh encrypts); connected the plain way, they are all still there."""
+    import asyncssh
+    from asyncssh.constants import MSG_CHANNEL_DATA, MSG_IGNORE
+
+    sent: dict[int, int] = {}
+    encrypt = asyncssh.connection.SSHConnection.send_packet
+
+    def counting(self, pkttype, *args, **kwargs):
+        if self._send_encryption is not None:
+            sent[pkttype] = sent.get(pkttype, 0) + 1
+        return encrypt(self, pkttype, *args, **kwargs)
+
+    monkeypatch.setattr(asyncssh.connection.SSHConnection, "send_packet", counting)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.bin").write_bytes(os.urandom(4 * MIB))
+    report = push(tmp_path / "model", site.remote, f"{site.name}/m", gather_writes=gather_writes)
+    assert report.bytes_sent == 4 * MIB
+    assert sent[MSG_CHANNEL_DATA] >= 4 * MIB // 32768  # OpenSSH takes at most 32 KiB per packet
+    if gather_writes:
+        assert sent.get(MSG_IGNORE, 0) == 0, sent
+    else:
+        assert sent[MSG_IGNORE] >= sent[MSG_CHANNEL_DATA], sent
+
+
 def test_a_facility_with_only_coreutils_still_verifies(site, tmp_path, monkeypatch):
     from xffl_airflow.transfer import commands
 
