@@ -44,6 +44,10 @@ LOCAL_RETRIES = {
 }
 
 
+# The exit status by which the training task says its input is wrong (xffl_tasks.train).
+TRAINING_REFUSED_INPUT = (2,)
+
+
 def _refusals_fail_at_once(step, /, *args, **kwargs):
     """Runs a round step; a config or round refusal fails the task without retries."""
     from xffl_airflow.federation.config import ConfigError
@@ -133,6 +137,9 @@ def build_federation_dag(config_path: str) -> DAG:
                     sbatch="{{ " + plan_of + "['sbatch'] }}",
                     remote_workdir="{{ " + plan_of + "['remote_jobs'] }}",
                     timeout=timedelta(hours=config.retry.train_timeout_h),
+                    # xffl_tasks.train exits 2 on a bad config, missing data or a launch
+                    # environment that does not add up: a retry would queue again for nothing
+                    fail_fast_exit_codes=TRAINING_REFUSED_INPUT,
                     **remote_retries,
                 )
 

@@ -15,7 +15,7 @@ job instead of handing back the old result.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
@@ -87,6 +87,9 @@ class SlurmOperator(BaseOperator):
     :param env: environment variables exported in the batch script (values quoted). Templated.
     :param follow_log: stream the job's log into the task log while it runs.
     :param cancel_on_timeout: ``scancel`` the job when ``timeout`` passes.
+    :param fail_fast_exit_codes: exit statuses (1-255) by which the command says that its input
+        is wrong; a job ending with one fails the task at once, without its retries (each retry
+        would wait in the queue again for nothing). Default none: every failure is retried.
 
     Returns (XCom) the job report: ``job_id``, ``cluster``, ``conn_id``, ``state``,
     ``exit_code``, ``reason``, ``submit_time``, ``start_time``, ``end_time`` (ISO 8601),
@@ -115,6 +118,7 @@ class SlurmOperator(BaseOperator):
         env: dict[str, str] | None = None,
         follow_log: bool = True,
         cancel_on_timeout: bool = True,
+        fail_fast_exit_codes: Collection[int] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -137,6 +141,13 @@ class SlurmOperator(BaseOperator):
         self.log_tail_lines = int(log_tail_lines)
         self.follow_log = follow_log
         self.cancel_on_timeout = cancel_on_timeout
+        codes = list(fail_fast_exit_codes or ())
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 1 <= c <= 255 for c in codes):
+            raise SlurmConfigError(
+                f"task {self.task_id}: fail_fast_exit_codes must be exit statuses from 1 to 255, "
+                f"got {fail_fast_exit_codes!r}"
+            )
+        self.fail_fast_exit_codes = frozenset(codes)
         self._job_id: str | None = None
         if not isinstance(ssh_conn_id, str) or not ssh_conn_id:
             raise SlurmConfigError(
@@ -315,7 +326,9 @@ class SlurmOperator(BaseOperator):
     ) -> dict[str, Any]:
         if isinstance(event, dict) and event.get("status") == "timeout" and self.cancel_on_timeout:
             self._cancel(str(event.get("job_id")), why="its timeout passed")
-        report = check_event(event, task_id=self.task_id)
+        report = check_event(
+            event, task_id=self.task_id, fail_fast_exit_codes=self.fail_fast_exit_codes
+        )
         self.log.info(
             "Slurm job %s ended %s: queued %s s, ran %s s", report["job_id"], report["state"],
             report["queue_wait_s"], report["run_s"],

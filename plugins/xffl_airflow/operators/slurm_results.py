@@ -33,6 +33,11 @@ class SlurmJobFailed(SlurmJobError):
         self.report = report
 
 
+class SlurmJobRefusedInput(AirflowFailException, SlurmJobFailed):
+    """The job's command exited with a code that says its input is wrong (``fail_fast_exit_codes``):
+    retrying will not help, so the task fails without its retries."""
+
+
 class SlurmJobTimeout(SlurmJobError):
     """The task stopped waiting for the job (its ``timeout`` passed)."""
 
@@ -42,8 +47,22 @@ def report_of(event: dict[str, Any]) -> dict[str, Any]:
     return {key: event.get(key) for key in REPORT_KEYS}
 
 
-def check_event(event: dict[str, Any] | None, *, task_id: str) -> dict[str, Any]:
-    """The event's report on success; raises on anything else (or on a malformed event)."""
+def exit_status(exit_code: Any) -> int | None:
+    """The command's exit status from Slurm's ``ExitCode`` ("2:0" -> 2); None when it was
+    ended by a signal or the code is unknown."""
+    status, _, signal = str(exit_code or "").partition(":")
+    if not status.isdigit() or (signal and signal != "0"):
+        return None
+    return int(status)
+
+
+def check_event(
+    event: dict[str, Any] | None, *, task_id: str, fail_fast_exit_codes: frozenset[int] = frozenset()
+) -> dict[str, Any]:
+    """The event's report on success; raises on anything else (or on a malformed event).
+
+    A failed job whose command exited with one of ``fail_fast_exit_codes`` raises
+    ``SlurmJobRefusedInput`` (no retries); any other failure ``SlurmJobFailed`` (retried)."""
     if not isinstance(event, dict):
         raise SlurmJobError(f"task {task_id}: the Slurm trigger sent no event ({event!r})")
     missing = [key for key in ("status", "job_id", "message") if key not in event]
@@ -55,6 +74,13 @@ def check_event(event: dict[str, Any] | None, *, task_id: str) -> dict[str, Any]
     if status == "success":
         return report_of(event)
     if status == "failed":
+        code = exit_status(event.get("exit_code"))
+        if code is not None and code in fail_fast_exit_codes:
+            raise SlurmJobRefusedInput(
+                f"{failure_message(event)}\nExit status {code} is one of the task's "
+                f"fail_fast_exit_codes (the command refused its input): not retried",
+                report_of(event),
+            )
         raise SlurmJobFailed(failure_message(event), report_of(event))
     if status == "timeout":
         raise SlurmJobTimeout(event["message"])

@@ -117,9 +117,12 @@ def test_a_facility_down_for_good_is_left_out_when_the_quorum_allows(airflow_ins
         },
     )
     gone = LocalFacility(site2, corpora[site2.name], name="gone", conn_id="facility_gone")
+    # and one whose private data is not where the config says: training refuses its input
+    # (exit status 2), so the task fails at once instead of queueing its retries
+    nodata = LocalFacility(site2, f"{site2.home}/no-such-corpus", name="nodata")
     dag_id = run_campaign(
         airflow, testbed, corpora, tiny, storage, campaign="quorum",
-        facilities=[LocalFacility(site1, corpora[site1.name]), gone],
+        facilities=[LocalFacility(site1, corpora[site1.name]), gone, nodata],
         quorum=1, convergence={"max_rounds": 1},
         retry={"retries": 1, "retry_delay_s": 1, "max_retry_delay_s": 2, "train_timeout_h": 1},
     )  # fmt: skip
@@ -132,6 +135,11 @@ def test_a_facility_down_for_good_is_left_out_when_the_quorum_allows(airflow_ins
     states = ti_states(airflow, dag_id, runs[0]["dag_run_id"])
     assert states["gone.push"]["state"] == "failed" and states["gone.push"]["try_number"] == 2
     assert states["gone.train"]["state"] == "upstream_failed"
+    assert states["nodata.train"]["state"] == "failed" and states["nodata.train"]["try_number"] == 1
+    assert states["nodata.pull"]["state"] == "upstream_failed"
+    reason = manifest["missing"]["nodata"]
+    assert "nodata.train failed after 1 attempt(s)" in reason and "no-such-corpus" in reason
+    assert "refused its input" in reason
 
 
 def import_errors_of(airflow, dag_file: Path) -> list[str]:

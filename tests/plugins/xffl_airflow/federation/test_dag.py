@@ -80,6 +80,7 @@ def test_remote_steps_retry_as_configured_and_local_steps_retry_transient_failur
     for task_id in ("prepare", "aggregate", "finalize", "continue_campaign"):
         task = dag.task_dict[task_id]
         assert (task.retries, task.retry_delay) == (LOCAL_RETRIES["retries"], LOCAL_RETRIES["retry_delay"]), task_id
+    assert dag.task_dict["italy.train"].fail_fast_exit_codes == {2}  # xffl_tasks.train: bad input
     assert dag.task_dict["aggregate"].trigger_rule == "all_done"
     assert dag.task_dict["italy.train"].upstream_task_ids == {"italy.push"}
     assert dag.task_dict["aggregate"].upstream_task_ids == {"italy.pull", "czechia.pull"}

@@ -18,12 +18,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from airflow.sdk.exceptions import AirflowFailException
 from xffl_airflow.hooks.slurm import remote_command_count
 from xffl_airflow.operators.slurm import STATE_KEY, SlurmOperator
 from xffl_airflow.operators.slurm_results import (
     SlurmConfigError,
     SlurmJobError,
     SlurmJobFailed,
+    SlurmJobRefusedInput,
     SlurmSubmitRefused,
 )
 from xffl_airflow.slurm.report import REPORT_KEYS
@@ -124,6 +126,26 @@ def test_failed_job_raises_with_exit_code_and_log_tail(site1, request):
     assert site1.conn_id in message and "(cluster site1)" in message
     assert message.endswith("progress 77\nprogress 78\nprogress 79\nprogress 80\nboom: bad data")
     assert caught.value.report["exit_code"] == "3:0"
+
+
+def test_an_exit_status_listed_as_fail_fast_fails_without_retries_and_others_are_retried(site1, request):
+    op = operator("refuses", site1, "echo 'error: training.lr must be > 0' >&2; exit 2",
+                  fail_fast_exit_codes=[2])  # fmt: skip
+    with pytest.raises(SlurmJobRefusedInput) as caught:
+        run_task(op, context("refuses", request))
+    assert isinstance(caught.value, AirflowFailException)  # Airflow does not retry it
+    assert caught.value.report["exit_code"] == "2:0"
+    assert "training.lr must be > 0" in str(caught.value) and "not retried" in str(caught.value)
+    op = operator("other_exit", site1, "exit 3", fail_fast_exit_codes=[2])
+    with pytest.raises(SlurmJobFailed) as caught:
+        run_task(op, context("other_exit", request))
+    assert not isinstance(caught.value, AirflowFailException)  # retried as usual
+
+
+@pytest.mark.parametrize("codes", [[0], [256], ["2"], [True]])
+def test_fail_fast_exit_codes_must_be_exit_statuses(site1, codes):
+    with pytest.raises(SlurmConfigError, match=r"fail_fast_exit_codes must be exit statuses from 1 to 255"):
+        operator("bad_codes", site1, "true", fail_fast_exit_codes=codes)
 
 
 @pytest.mark.slow
