@@ -24,6 +24,7 @@ from xffl_airflow.triggers.slurm import SlurmJobTrigger
 from tests.conftest import facility_python
 from tests.plugins.xffl_airflow.hooks.slurm_support import (
     MemoryStateStore,
+    defer,
     first_event,
     run_task,
     task_context,
@@ -81,19 +82,27 @@ def test_a_purged_job_is_resolved_through_sacct(agey):
 
 
 def test_a_retry_reattaches_to_a_purged_successful_job_without_resubmitting(agey):
+    # the job succeeded while its worker was lost (execute_complete never ran), and slurmctld
+    # purged it before the retry looked: the retry finds its success through accounting
     store = MemoryStateStore()
     context = task_context(
         "purge_ok", dag_id="slurm_accounting", run_id="manual__purged", store=store
     )
     op = SlurmOperator(task_id="purge_ok", ssh_conn_id=agey.conn_id, command="echo fine",
                        remote_workdir="xffl/acct", poll_interval=2)  # fmt: skip
-    first = run_task(op, context)
-    assert first["state"] == "COMPLETED"
-    wait_until(lambda: purged(agey, first["job_id"]), timeout=240, every=2, what="job purged")
+    trigger, _ = defer(op, context)
+    event = asyncio.run(first_event(trigger))
+    assert (event["status"], event["state"]) == ("success", "COMPLETED")
+    wait_until(lambda: purged(agey, trigger.job_id), timeout=240, every=2, what="job purged")
     again = SlurmOperator(task_id="purge_ok", ssh_conn_id=agey.conn_id, command="echo fine",
                           remote_workdir="xffl/acct", poll_interval=2).execute(context)  # fmt: skip
-    assert (again["job_id"], again["state"]) == (first["job_id"], "COMPLETED")
-    assert store.get(STATE_KEY)["job_id"] == first["job_id"]
+    assert (again["job_id"], again["state"]) == (trigger.job_id, "COMPLETED")
+    stored = store.get(STATE_KEY)
+    assert (stored["job_id"], stored["reported"]) == (trigger.job_id, True)
+    # reported now: the same task cleared afterwards runs the command again
+    cleared = run_task(SlurmOperator(task_id="purge_ok", ssh_conn_id=agey.conn_id, command="echo fine",
+                                     remote_workdir="xffl/acct", poll_interval=2), context)  # fmt: skip
+    assert cleared["state"] == "COMPLETED" and cleared["job_id"] != trigger.job_id
 
 
 def test_a_job_no_source_knows_is_an_error_not_a_failure(agey):
