@@ -13,7 +13,7 @@ is retried, not refused.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from xffl_airflow.federation.config import ConfigError, FederationConfig
 
@@ -33,9 +33,7 @@ def connection_problems(config: FederationConfig, lookup: Callable[[str], object
     for index, facility in enumerate(config.facilities):
         try:
             lookup(facility.connection_id)
-        except (
-            Exception
-        ) as error:  # the SDK raises its own not-found types; FacilityConnectionError
+        except Exception as error:  # the SDK's own not-found types, FacilityConnectionError
             problems.append(f"facilities[{index}].conn_id ({facility.name}): {error}")
     return problems
 
