@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from tests.plugins.xffl_airflow.federation.campaign_support import (
     running_jobs,
     ti_states,
 )
+from tests.plugins.xffl_airflow.hooks.slurm_support import wait_until
 from xffl_testbed.airflow_instance import AirflowError
 from xffl_testbed.campaign import (
     LocalFacility,
@@ -147,16 +147,6 @@ def import_errors_of(airflow, dag_file: Path) -> list[str]:
     return [e["stack_trace"] for e in errors if e["filename"].endswith(dag_file.name)]
 
 
-def wait_until(predicate, *, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
-
-
 def test_a_missing_connection_is_refused_by_the_dag_and_an_unusable_one_by_the_round(
     airflow_instance, testbed, corpora, tiny, storage
 ):
@@ -171,7 +161,7 @@ def test_a_missing_connection_is_refused_by_the_dag_and_an_unusable_one_by_the_r
     dag_file = install_federation_dag(airflow.dags_folder, config, name="noconn")
     try:
         # Parsing refuses the DAG, naming the config, the field and the connection: no run can start.
-        (error,) = wait_until(lambda: import_errors_of(airflow, dag_file), timeout=120, what="import error")
+        (error,) = wait_until(lambda: import_errors_of(airflow, dag_file), timeout=120, every=1, what="import error")
         assert str(config) in error and "facilities[1].conn_id (nowhere)" in error and "facility_nowhere" in error
         assert "facilities[0]" not in error  # site1's connection exists
         with pytest.raises(AirflowError, match=" 404 "):
@@ -182,7 +172,7 @@ def test_a_missing_connection_is_refused_by_the_dag_and_an_unusable_one_by_the_r
         # facility work starts.
         extra = {"key_file": site1.client_key, "known_hosts": str(storage / "no-known-hosts")}
         airflow.api("POST", "connections", json={"connection_id": "facility_nowhere", **site1.connection, "extra": json.dumps(extra)})
-        wait_until(lambda: not import_errors_of(airflow, dag_file), timeout=120, what="import error cleared")
+        wait_until(lambda: not import_errors_of(airflow, dag_file), timeout=120, every=1, what="import error cleared")
         airflow.wait_for_dag(dag_id)
         airflow.trigger(dag_id, run_id=run_id, conf={"round": 0})
         assert airflow.wait_for_run(dag_id, run_id, timeout=600) == "failed"
@@ -196,7 +186,7 @@ def test_a_missing_connection_is_refused_by_the_dag_and_an_unusable_one_by_the_r
     finally:
         # the later tests of this session expect a DAG folder without import errors
         dag_file.unlink(missing_ok=True)
-        wait_until(lambda: not import_errors_of(airflow, dag_file), timeout=120, what="import error gone")
+        wait_until(lambda: not import_errors_of(airflow, dag_file), timeout=120, every=1, what="import error gone")
         try:
             airflow.api("DELETE", "connections/facility_nowhere")
         except AirflowError:
