@@ -12,6 +12,10 @@ Starts its own local facility (sshd on a loopback port, host key pinned: needs r
 - Airflow: ``SFTPHook.store_file`` and ``retrieve_file`` with defaults, once per direction
   (it is an order of magnitude slower).
 
+With ``--unverified-too`` it also times ours with sha256 replaced by a no-op on both sides
+(``ours_unverified_put_mbps``/``..._get_mbps``): the transport alone, to tell its cost from the
+verification's. That is a measurement only, never a mode of the product.
+
 Ours and OpenSSH alternate ``--repeat`` times (who goes first alternates too) and the medians
 are reported; every single figure is in ``runs``. One JSON line on stdout. MB/s are 10**6
 bytes per second. The destination is removed before each run, so nothing is skipped.
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -69,6 +74,59 @@ def openssh_batch(facility: Facility, commands: str) -> None:
     )  # fmt: skip
 
 
+class _NoDigest:
+    """Stands in for hashlib.sha256 when timing the transport alone."""
+
+    def update(self, data: bytes) -> None:
+        pass
+
+    def copy(self) -> _NoDigest:
+        return self
+
+    def hexdigest(self) -> str:
+        return "0" * 64
+
+
+class _NoRemoteHash:
+    def __init__(self, *args: object):
+        pass
+
+    def advance(self, offset: int) -> None:
+        pass
+
+    async def finish(self, size: int) -> str:
+        return "0" * 64
+
+    async def abort(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def verification_skipped():
+    """Within: push and pull hash nothing, here or on the facility (benchmark only)."""
+    from xffl_airflow.transfer import runner, session
+
+    async def no_sha256(self, path: str) -> str:
+        return "0" * 64
+
+    saved = (
+        runner.TransferRun.fresh_digest,
+        session.FacilitySession.growing_hash,
+        session.FacilitySession.sha256,
+    )
+    runner.TransferRun.fresh_digest = staticmethod(_NoDigest)
+    session.FacilitySession.growing_hash = lambda self, path: _NoRemoteHash()
+    session.FacilitySession.sha256 = no_sha256
+    try:
+        yield
+    finally:
+        (
+            runner.TransferRun.fresh_digest,
+            session.FacilitySession.growing_hash,
+            session.FacilitySession.sha256,
+        ) = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -78,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         "--repeat", type=int, default=3, help="runs of ours and OpenSSH per direction (default 3)"
     )
     parser.add_argument("--skip-sftphook", action="store_true", help="leave Airflow's SFTPHook out")
+    parser.add_argument(
+        "--unverified-too",
+        action="store_true",
+        help="also time ours with sha256 skipped on both sides (the transport alone)",
+    )
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
     if args.size_mb < 1 or args.repeat < 1:
@@ -129,20 +192,30 @@ def main(argv: list[str] | None = None) -> int:
             clean_local()
             return timed(lambda: openssh_batch(facility, f"get {remote_file} {back / name}\n"))
 
+        def unverified(action: Callable[[], float]) -> Callable[[], float]:
+            def run() -> float:
+                with verification_skipped():
+                    return action()
+
+            return run
+
+        contenders = {"put": {"ours": ours_put, "openssh": openssh_put},
+                      "get": {"ours": ours_get, "openssh": openssh_get}}  # fmt: skip
+        if args.unverified_too:
+            contenders["put"]["ours_unverified"] = unverified(ours_put)
+            contenders["get"]["ours_unverified"] = unverified(ours_get)
         runs: dict[str, list[float]] = {
-            key: [] for key in ("ours_put", "openssh_put", "ours_get", "openssh_get")
+            f"{who}_{direction}": [] for direction in contenders for who in contenders[direction]
         }
         # a first copy on the facility for the gets; each put replaces it with the same bytes
         push(source, site, "bench")
         for rep in range(args.repeat):
-            order = [("ours", "openssh"), ("openssh", "ours")][rep % 2]
-            for direction, actions in (
-                ("put", (ours_put, openssh_put)),
-                ("get", (ours_get, openssh_get)),
-            ):
-                by_name = dict(zip(("ours", "openssh"), actions))
+            for direction, actions in contenders.items():
+                order = list(actions)
+                if rep % 2:
+                    order.reverse()  # who goes first alternates
                 for who in order:
-                    runs[f"{who}_{direction}"].append(round(size / by_name[who]() / 1e6, 1))
+                    runs[f"{who}_{direction}"].append(round(size / actions[who]() / 1e6, 1))
             log.info("repetition %d: %s", rep + 1, {k: v[-1] for k, v in runs.items()})
 
         if not args.skip_sftphook:
@@ -175,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         result[f"{key}_mbps"] = statistics.median(values)
     result["put_ratio"] = round(result["ours_put_mbps"] / result["openssh_put_mbps"], 3)
     result["get_ratio"] = round(result["ours_get_mbps"] / result["openssh_get_mbps"], 3)
+    if args.unverified_too:
+        for direction in ("put", "get"):
+            result[f"unverified_{direction}_ratio"] = round(
+                result[f"ours_unverified_{direction}_mbps"] / result[f"openssh_{direction}_mbps"], 3
+            )
     result["runs"] = runs
     result["cpus"] = os.cpu_count()
     result["loadavg_before"] = [round(x, 2) for x in loadavg_before]
