@@ -109,22 +109,19 @@ def verification_skipped():
     async def no_sha256(self, path: str) -> str:
         return "0" * 64
 
-    saved = (
-        runner.TransferRun.fresh_digest,
-        session.FacilitySession.growing_hash,
-        session.FacilitySession.sha256,
-    )
-    runner.TransferRun.fresh_digest = staticmethod(_NoDigest)
-    session.FacilitySession.growing_hash = lambda self, path: _NoRemoteHash()
-    session.FacilitySession.sha256 = no_sha256
+    patches = [
+        (runner.TransferRun, "fresh_digest", staticmethod(_NoDigest)),
+        (session.FacilitySession, "growing_hash", lambda self, path: _NoRemoteHash()),
+        (session.FacilitySession, "sha256", no_sha256),
+    ]
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]  # as defined
+    for owner, name, value in patches:
+        setattr(owner, name, value)
     try:
         yield
     finally:
-        (
-            runner.TransferRun.fresh_digest,
-            session.FacilitySession.growing_hash,
-            session.FacilitySession.sha256,
-        ) = saved
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.size_mb < 1 or args.repeat < 1:
         parser.error("--size-mb and --repeat must be positive")
     logging.basicConfig(level=logging.WARNING if args.json else logging.INFO)
-    if args.json:
-        logging.getLogger("asyncssh").setLevel(logging.WARNING)
+    if args.json:  # Airflow's log set-up prints to stdout: keep it to the JSON line
+        for name in ("asyncssh", "xffl_airflow", "benchmarks"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     from xffl_airflow.transfer import RemoteFacility, pull, push
 
