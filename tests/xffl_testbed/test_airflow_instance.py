@@ -31,8 +31,10 @@ def test_a_dag_defers_and_reaches_a_facility(install_dag, testbed):
 def test_task_processes_start_with_the_federation_modules_loaded(install_dag):
     """The test bed runs the preloading LocalExecutor: the scheduler imported torch and the
     aggregation once, and a task's process (forked from it) finds them already there."""
+    from xffl_airflow.executors.preloading import DEFAULT_PRELOAD
+
     airflow = install_dag(Path(__file__).parent / "dags" / "xffl_preloaded.py", "xffl_preloaded")
-    assert "preloaded 4 module(s)" in airflow.component_log("scheduler")
+    assert f"preloaded {len(DEFAULT_PRELOAD)} module(s)" in airflow.component_log("scheduler")
     run_id = airflow.trigger("xffl_preloaded")
     assert airflow.wait_for_run("xffl_preloaded", run_id, timeout=300) == "success"
     xcom = airflow.api(
