@@ -1,10 +1,11 @@
 """``python -m xffl_tasks.aggregate``: the aggregation from the command line.
 
     python -m xffl_tasks.aggregate --previous PREV_DIR --out OUT_DIR [--strategy NAME]
-        [--weights W1,W2,...] [--names N1,N2,...] [--option KEY=VALUE ...] CLIENT_DIR [CLIENT_DIR ...]
+        [--weights W1,W2,...] [--names N1,N2,...] [--option KEY=VALUE ...]
+        [--min-clients N] [--max-weight-share X] CLIENT_DIR [CLIENT_DIR ...]
 
 On success it prints one line (where the model went, the global update norm, the seconds) and
-exits 0. On bad input it prints one line, ``xffl-aggregate: error: ...``, exits 2, and leaves
+exits 0 (clients left out by their checks are named on stderr, one line each). On bad input it prints one line, ``xffl-aggregate: error: ...``, exits 2, and leaves
 nothing at OUT_DIR. An I/O failure (a full disk) is one line too, with exit status 1.
 """
 
@@ -87,6 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="a strategy option (repeatable)",
     )
+    parser.add_argument(
+        "--min-clients",
+        type=int,
+        help="how many clients must pass their checks (default: all); the others are left out",
+    )
+    parser.add_argument(
+        "--max-weight-share",
+        type=float,
+        metavar="X",
+        help="the largest normalised weight of a client, 0 < X <= 1 (default: no cap)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     parser.add_argument(
         "clients", nargs="+", metavar="CLIENT_DIR", help="the clients' model folders"
@@ -109,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             weights=parse_weights(args.weights) if args.weights is not None else None,
             names=parse_names(args.names) if args.names is not None else None,
             options=parse_options(args.option),
+            min_clients=args.min_clients,
+            max_weight_share=args.max_weight_share,
         )
     except AggregationError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -116,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
+    for name, reason in report["rejected"].items():
+        print(f"{PROG}: warning: client {name!r} left out: {reason}", file=sys.stderr)
     print(
         f"{PROG}: {report['strategy']} of {len(report['clients'])} clients written to {report['output']} "
         f"in {report['seconds']:.1f} s (global update norm {report['global_update_norm']:.6g})"

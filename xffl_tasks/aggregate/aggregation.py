@@ -2,7 +2,10 @@
 
 Everything is checked before the first tensor byte is read: the strategy and its options, the
 clients' names and weights, every safetensors header, that each client has exactly the
-previous model's tensors (names, shapes, dtypes), the server state. Then one streaming pass
+previous model's tensors (names, shapes, dtypes), the server state. A client that fails its
+own checks (metrics, headers, tensors, NaN or Inf found during the pass) is left out with its
+reason, as long as ``min_clients`` remain; a pass that finds NaN or Inf starts again without
+the client, from a fresh staging folder. Then one streaming pass
 writes the new weights (and server state) into a staging folder beside the output, the
 previous model's other files (config, generation config, tokenizer, index) are copied, the
 report is written, and the folder is renamed into place. Any error leaves nothing at ``out``.
@@ -21,15 +24,22 @@ from pathlib import Path
 
 import torch
 
-from xffl_tasks.aggregate.engine import StreamOutcome, stream_aggregate
+from xffl_tasks.aggregate.engine import NonFiniteClients, StreamOutcome, stream_aggregate
 from xffl_tasks.aggregate.errors import AggregationError
 from xffl_tasks.aggregate.files import copy_file, sha256_file
 from xffl_tasks.aggregate.model_folder import ModelFolder, check_same_tensors, open_model_folder
 from xffl_tasks.aggregate.report import REPORT_FILE, build_report
-from xffl_tasks.aggregate.server_state import open_server_state
+from xffl_tasks.aggregate.server_state import ServerState, open_server_state
 from xffl_tasks.aggregate.staging import check_absent, staged_folder
-from xffl_tasks.aggregate.strategies import make_strategy
-from xffl_tasks.aggregate.weights import normalize, resolve_names, resolve_weights
+from xffl_tasks.aggregate.strategies import Strategy, make_strategy
+from xffl_tasks.aggregate.weights import (
+    ClientWeight,
+    check_given_weights,
+    check_share,
+    normalize,
+    resolve_names,
+    weight_from_metrics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +107,56 @@ def _carry_and_hash_other_files(
     return files
 
 
-def _open_clients(
-    previous: ModelFolder, names: Sequence[str], paths: Sequence[Path]
-) -> list[ModelFolder]:
+@dataclass
+class _Client:
+    name: str
+    path: Path
+    weight: ClientWeight
+    model: ModelFolder
+
+
+def _check_clients(
+    previous: ModelFolder,
+    names: Sequence[str],
+    paths: Sequence[Path],
+    given: Sequence[ClientWeight] | None,
+    rejected: dict[str, str],
+) -> list[_Client]:
+    """The clients whose metrics, headers and tensors pass; the others go to ``rejected``."""
     clients = []
-    for name, path in zip(names, paths):
-        client = open_model_folder(path, label=f"client {name!r}")
-        check_same_tensors(previous, client)
-        clients.append(client)
+    for index, (name, path) in enumerate(zip(names, paths)):
+        try:
+            weight = given[index] if given is not None else weight_from_metrics(path, name)
+            model = open_model_folder(path, label=f"client {name!r}")
+            check_same_tensors(previous, model)
+        except AggregationError as error:
+            _reject(rejected, name, str(error))
+            continue
+        clients.append(_Client(name, path, weight, model))
     return clients
+
+
+def _reject(rejected: dict[str, str], name: str, reason: str) -> None:
+    logger.info("client %r fails its checks: %s", name, reason)
+    rejected[name] = reason
+
+
+def _check_min_clients(min_clients: int | None, count: int) -> int:
+    if min_clients is None:
+        return count
+    if isinstance(min_clients, bool) or not isinstance(min_clients, int):
+        raise AggregationError(f"min_clients {min_clients!r} is not a whole number")
+    if not 1 <= min_clients <= count:
+        raise AggregationError(f"min_clients {min_clients} must be from 1 to {count} (the clients)")
+    return min_clients
+
+
+def _check_enough(accepted: int, total: int, min_clients: int, rejected: Mapping[str, str]) -> None:
+    if accepted < min_clients:
+        raise AggregationError(
+            f"only {accepted} of {total} clients passed the checks, min_clients is {min_clients}; "
+            + "; ".join(rejected.values())
+        )
 
 
 def aggregate(
@@ -118,8 +169,15 @@ def aggregate(
     names: Sequence[str] | None = None,
     options: Mapping[str, float] | None = None,
     chunk_elements: int | None = None,
+    min_clients: int | None = None,
+    max_weight_share: float | None = None,
 ) -> dict:
     """Aggregates the client model folders into the next global model at ``out``.
+
+    A client whose metrics.json, safetensors headers or tensors (names, shapes, dtypes) fail
+    the checks, or whose weights hold NaN or Inf, is left out with its reason (the report's
+    ``rejected``); nothing of it reaches the output. Fewer than ``min_clients`` left is an
+    error listing every reason.
 
     :param previous: the previous global model's folder (its layout is kept; its server state,
         if any, is read from ``server_state/``).
@@ -131,6 +189,9 @@ def aggregate(
     :param options: the strategy's hyperparameters (e.g. server_learning_rate).
     :param chunk_elements: elements per chunk; by default sized to the memory budget (tests
         use tiny chunks to cross chunk boundaries everywhere).
+    :param min_clients: how many clients must pass the checks; default: all of them.
+    :param max_weight_share: the largest normalised weight a client may get (0 < x <= 1); the
+        excess goes to the others in proportion to their weights. Default: no cap.
     :returns: what was written to ``out/aggregation.json``.
     :raises AggregationError: on bad input, naming the client, file, tensor or field.
     """
@@ -140,26 +201,77 @@ def aggregate(
     if not client_paths:
         raise AggregationError("no client folders: give at least one")
     names = resolve_names(client_paths, names)
+    min_clients = _check_min_clients(min_clients, len(client_paths))
+    check_share(max_weight_share)
     check_absent(out)
     _check_output_location(out, [previous, *client_paths])
-    rule = make_strategy(strategy, options=options, num_clients=len(client_paths))
-    client_weights = resolve_weights(names, client_paths, weights)
+    make_strategy(strategy, options=options, num_clients=len(client_paths))
+    given = check_given_weights(names, weights) if weights is not None else None
     previous_model = open_model_folder(previous, label=PREVIOUS_LABEL)
-    client_models = _open_clients(previous_model, names, client_paths)
+    rejected: dict[str, str] = {}
+    accepted = _check_clients(previous_model, names, client_paths, given, rejected)
     floating = [
         e for shard in previous_model.shards for e in shard.header.tensors if e.dtype.floating
     ]
-    state = open_server_state(previous, rule, floating)
-    rounds = (state.rounds if state else 0) + 1 if rule.state_names else None
-    normalized = normalize([w.weight for w in client_weights])
+    while True:
+        _check_enough(len(accepted), len(names), min_clients, rejected)
+        rule = make_strategy(strategy, options=options, num_clients=len(accepted))
+        state = open_server_state(previous, rule, floating)
+        rounds = (state.rounds if state else 0) + 1 if rule.state_names else None
+        normalized = normalize([c.weight.weight for c in accepted], max_weight_share)
+        logger.info(
+            "aggregating %s clients (%s) with %s into %s",
+            len(accepted),
+            ", ".join(c.name for c in accepted),
+            rule.name,
+            out,
+        )
+        try:
+            report = _aggregate_pass(
+                previous_model, accepted, rule, state, rounds, normalized, out, chunk_elements,
+                started=started, rejected=rejected, min_clients=min_clients,
+                max_weight_share=max_weight_share,
+            )  # fmt: skip
+            break
+        except NonFiniteClients as error:  # the staged output is gone: start again without them
+            for index, reason in error.clients.items():
+                _reject(rejected, accepted[index].name, f"{accepted[index].model.label}: {reason}")
+            accepted = [c for i, c in enumerate(accepted) if i not in error.clients]
+    for name, reason in rejected.items():
+        logger.warning("client %r was left out of the aggregation: %s", name, reason)
     logger.info(
-        "aggregating %s clients (%s) with %s into %s", len(names), ", ".join(names), rule.name, out
+        "aggregated into %s in %.1f s: global update norm %.6g, %s bytes read, %s written",
+        out,
+        report["seconds"],
+        report["global_update_norm"],
+        report["bytes_read"],
+        report["bytes_written"],
     )
+    return report
+
+
+def _aggregate_pass(
+    previous_model: ModelFolder,
+    accepted: Sequence[_Client],
+    rule: Strategy,
+    state: ServerState | None,
+    rounds: int | None,
+    normalized: Sequence[float],
+    out: Path,
+    chunk_elements: int | None,
+    *,
+    started: float,
+    rejected: Mapping[str, str],
+    min_clients: int,
+    max_weight_share: float | None,
+) -> dict:
+    """One streaming pass into a staging folder renamed to ``out`` once complete."""
+    previous = previous_model.path
     with staged_folder(out) as stage:
         with _torch_threads(1):
             outcome = stream_aggregate(
                 previous=previous_model,
-                clients=client_models,
+                clients=[c.model for c in accepted],
                 strategy=rule,
                 weights=normalized,
                 state=state,
@@ -167,14 +279,14 @@ def aggregate(
                 stage=stage,
                 chunk_elements=chunk_elements,
             )
-        files = _carry_and_hash_other_files(previous, client_paths, stage, outcome)
+        files = _carry_and_hash_other_files(previous, [c.path for c in accepted], stage, outcome)
         report = build_report(
             strategy=rule,
             previous=previous,
             out=out,
-            names=names,
-            client_paths=client_paths,
-            weights=client_weights,
+            names=[c.name for c in accepted],
+            client_paths=[c.path for c in accepted],
+            weights=[c.weight for c in accepted],
             normalized=normalized,
             client_files=files.clients,
             previous_files=files.previous,
@@ -185,16 +297,11 @@ def aggregate(
             bytes_written=files.bytes_written,
             seconds=time.perf_counter() - started,
         )
+        report["rejected"] = dict(rejected)
+        report["min_clients"] = min_clients
+        report["max_weight_share"] = max_weight_share
         with open(stage / REPORT_FILE, "x", encoding="utf-8") as file:
             file.write(json.dumps(report, indent=2) + "\n")
             file.flush()
             os.fsync(file.fileno())
-    logger.info(
-        "aggregated into %s in %.1f s: global update norm %.6g, %s bytes read, %s written",
-        out,
-        report["seconds"],
-        report["global_update_norm"],
-        report["bytes_read"],
-        report["bytes_written"],
-    )
     return report

@@ -17,8 +17,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from xffl_tasks.aggregate.arithmetic import ChunkArithmetic, ChunkResult, UpdateStatistics
+import torch
+
+from xffl_tasks.aggregate.arithmetic import (
+    ChunkArithmetic,
+    ChunkResult,
+    UpdateStatistics,
+    element_index,
+)
 from xffl_tasks.aggregate.chunk_loader import ChunkLoader, ChunkTask, LoadedChunk, Read
+from xffl_tasks.aggregate.errors import AggregationError
 from xffl_tasks.aggregate.files import InputFile, OutputFile
 from xffl_tasks.aggregate.model_folder import ModelFolder, TensorLocation
 from xffl_tasks.aggregate.safetensors_format import SafetensorsHeader
@@ -69,6 +77,39 @@ def split(count: int, chunk: int) -> Iterator[tuple[int, int]]:
     """(first, count) of the chunks covering ``count`` elements (none for an empty tensor)."""
     for first in range(0, count, chunk):
         yield first, min(chunk, count - first)
+
+
+class NonFiniteClients(AggregationError):
+    """Clients whose weights hold NaN or Inf: ``clients`` maps their index to the reason."""
+
+    def __init__(self, clients: dict[int, str]):
+        self.clients = clients
+        super().__init__("; ".join(clients.values()))
+
+
+def non_finite_clients(chunk: LoadedChunk, clients: int) -> dict[int, str]:
+    """The clients whose values in ``chunk`` hold NaN or Inf (none if the previous model does).
+
+    Only called once the arithmetic has found a non-finite value: the common case pays nothing.
+    """
+    found = {}
+    tensor = chunk.task.tensor
+    if not tensor.dtype.floating:
+        return found
+    for source in range(1 + clients):
+        values = chunk.tensor(source).float()  # isfinite has no float8 kernels
+        bad = ~torch.isfinite(values)
+        if not bool(bad.any()):
+            continue
+        if source == 0:
+            return {}
+        position = int(bad.nonzero()[0, 0])
+        index = element_index(tensor.shape, chunk.task.first + position)
+        found[source - 1] = (
+            f"tensor {tensor.name!r} holds {values[position].item()} at index {index} "
+            "(NaN or Inf in the weights)"
+        )
+    return found
 
 
 @dataclass(frozen=True)
@@ -193,7 +234,9 @@ def stream_aggregate(
     """Aggregates into ``stage``: the model's shards, and the server state if the strategy keeps one.
 
     ``weights`` are normalised; ``state`` is the previous round's (None: zeros); ``rounds``
-    goes into the new state's metadata.
+    goes into the new state's metadata. Raises ``NonFiniteClients`` when clients' weights hold
+    NaN or Inf (found by the arithmetic's own finiteness check of each update's squared norm),
+    so that the caller can drop them and start the pass again.
     """
     order = [entry for shard in previous.shards for entry in shard.header.tensors]
     shard_of = {
@@ -247,7 +290,13 @@ def stream_aggregate(
 
         def write_oldest() -> None:
             chunk, future = pending.popleft()
-            result = future.result()
+            try:
+                result = future.result()
+            except AggregationError as error:
+                culprits = non_finite_clients(chunk, len(clients))
+                if culprits:
+                    raise NonFiniteClients(culprits) from error
+                raise
             outputs.model[shard_of[result.tensor]].write(result.model_bytes)
             for output, data in zip(outputs.state, result.state_bytes):
                 output.write(data)

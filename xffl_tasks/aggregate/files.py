@@ -20,6 +20,7 @@ from concurrent.futures import Executor, Future
 from pathlib import Path
 
 from xffl_tasks.aggregate.errors import AggregationError
+from xffl_tasks.aggregate.input_hashes import COMPUTED, GIVEN, HashBook
 from xffl_tasks.aggregate.writeback import WriteBack
 
 READ_BLOCK = 8 << 20
@@ -57,6 +58,10 @@ class InputFile:
     :param label: how messages name it, e.g. ``client 'site1': model.safetensors``.
     :param hasher: runs the separate pass when the file will not be read in order.
     :param stop: set to cut the separate pass short (on error).
+    :param lane: if given, a single thread that feeds the reads to the hash, in order, while
+        the reader goes on (``read_into`` returns the future: keep the buffer until it is done).
+    :param given: hashes computed elsewhere: one whose size and mtime still match the open
+        file's is taken, and the file is not hashed at all (``hash_source`` says which).
     """
 
     def __init__(
@@ -68,21 +73,31 @@ class InputFile:
         hash_inline: bool = True,
         hasher: Executor | None = None,
         stop: threading.Event | None = None,
+        lane: Executor | None = None,
+        given: HashBook | None = None,
     ):
         self.path = path
         self.label = label
         self._fd = os.open(path, os.O_RDONLY)
-        self.size = os.fstat(self._fd).st_size
+        stat = os.fstat(self._fd)
+        self.size = stat.st_size
+        self._known = given.lookup(path, stat) if given is not None else None
+        self.hash_source = GIVEN if self._known else COMPUTED
         self._digest = hashlib.sha256(header)
         self._hashed_to = len(header)
-        self._in_order = hash_inline
+        self._in_order = hash_inline and not self._known
+        self._lane = lane
+        self._hashing: Future | None = None
         self.bytes_read = len(header)
         self._separate: Future | None = None
-        if not hash_inline and hasher is not None:
+        if not hash_inline and not self._known and hasher is not None:
             self._separate = hasher.submit(sha256_file, path, stop)
 
-    def read_into(self, offset: int, view: memoryview, what: str) -> None:
-        """Fills ``view`` with the bytes at ``offset``; ``what`` names them in errors."""
+    def read_into(self, offset: int, view: memoryview, what: str) -> Future | None:
+        """Fills ``view`` with the bytes at ``offset``; ``what`` names them in errors.
+
+        Returns the hash lane's future for these bytes, if any: ``view`` must stay unchanged
+        until it is done."""
         done = 0
         while done < len(view):
             count = os.preadv(self._fd, [view[done:]], offset + done)
@@ -93,13 +108,23 @@ class InputFile:
             done += count
         self.bytes_read += done
         if self._in_order and offset == self._hashed_to:
-            self._digest.update(view)
             self._hashed_to += len(view)
-        elif len(view):
+            if self._lane is None:
+                self._digest.update(view)
+                return None
+            self._hashing = self._lane.submit(self._digest.update, view)
+            return self._hashing
+        if len(view):
             self._in_order = False
+        return None
 
     def sha256(self) -> str:
-        """The file's sha256: from the reads if they covered it in order, else by a pass of its own."""
+        """The file's sha256: given, from the reads if they covered it in order, else by a
+        pass of its own."""
+        if self._known:
+            return self._known
+        if self._hashing is not None:
+            self._hashing.result()
         if self._in_order and self._hashed_to == self.size:
             return self._digest.hexdigest()
         digest, size = (
@@ -126,22 +151,38 @@ class OutputFile:
     :param size: the size it must reach: closing short of it is an error.
     :param writeback: if given, starts the disk write-back every ``WRITEBACK_STEP`` bytes, so
         that the final fsync has little left to wait for. Drain it before ``close``.
+    :param lane: if given, a single thread that hashes the writes, in order.
     """
 
-    def __init__(self, *, path: Path, header: bytes, size: int, writeback: WriteBack | None = None):
+    def __init__(
+        self,
+        *,
+        path: Path,
+        header: bytes,
+        size: int,
+        writeback: WriteBack | None = None,
+        lane: Executor | None = None,
+    ):
         self.path = path
         self.size = size
         self._writeback = writeback
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         self._digest = hashlib.sha256()
+        self._lane = lane
+        self._hashing: Future | None = None
         self.written = 0
         self._writeback_from = 0
         self.write(memoryview(header))
 
-    def write(self, view: memoryview) -> None:
+    def write(self, view: memoryview) -> Future | None:
+        """Writes ``view`` at the end; returns the hash lane's future for it, if any (keep
+        ``view`` unchanged until it is done)."""
         if self.written + len(view) > self.size:
             raise RuntimeError(f"{self.path}: writing past its planned size of {self.size} bytes")
-        self._digest.update(view)
+        if self._lane is None:
+            self._digest.update(view)
+        else:
+            self._hashing = self._lane.submit(self._digest.update, view)
         done = 0
         while done < len(view):
             done += os.write(self._fd, view[done:])
@@ -151,11 +192,14 @@ class OutputFile:
                 self._fd, self._writeback_from, self.written - self._writeback_from
             )
             self._writeback_from = self.written
+        return self._hashing if self._lane is not None else None
 
     def close(self) -> str:
         """Fsyncs and closes; returns the sha256."""
         if self.written != self.size:
             raise RuntimeError(f"{self.path}: {self.written} bytes written, {self.size} planned")
+        if self._hashing is not None:
+            self._hashing.result()
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = -1

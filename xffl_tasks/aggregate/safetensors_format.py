@@ -22,10 +22,16 @@ from pathlib import Path
 
 import torch
 
+from xffl_tasks.aggregate.bounded_json import exceeds_depth
+
 #: The largest header accepted (the reference implementation's limit).
 MAX_HEADER_BYTES = 100_000_000
 #: The reference writer pads the header with spaces so that the data starts 8-byte aligned.
 HEADER_ALIGNMENT = 8
+#: How deep a header may nest (object, tensor entry, shape), checked before parsing.
+MAX_HEADER_DEPTH = 3
+#: The most bytes ``__metadata__``'s keys and values may take together (UTF-8).
+MAX_METADATA_BYTES = 64 << 10
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 
@@ -168,6 +174,23 @@ def _parse_entry(name: str, raw: object) -> TensorEntry:
     return entry
 
 
+def _check_metadata(metadata: object) -> dict[str, str] | None:
+    """``__metadata__``: a flat map of strings of at most ``MAX_METADATA_BYTES`` in all."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise HeaderError("__metadata__ is not a map of strings")
+    size = sum(
+        len(k.encode("utf-8", "surrogatepass")) + len(v.encode("utf-8", "surrogatepass"))
+        for k, v in metadata.items()
+    )
+    if size > MAX_METADATA_BYTES:
+        raise HeaderError(
+            f"__metadata__ holds {size} bytes of strings, more than {MAX_METADATA_BYTES}"
+        )
+    return metadata
+
+
 def parse_header(
     text: bytes, data_size: int
 ) -> tuple[tuple[TensorEntry, ...], dict[str, str] | None]:
@@ -175,6 +198,8 @@ def parse_header(
 
     Returns the tensors in data order and the ``__metadata__`` map (or None).
     """
+    if exceeds_depth(text, MAX_HEADER_DEPTH):
+        raise HeaderError(f"header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
         header = json.loads(text.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except UnicodeDecodeError as error:
@@ -183,11 +208,7 @@ def parse_header(
         raise HeaderError(f"header is not valid JSON ({error.msg} at byte {error.pos})") from None
     if not isinstance(header, dict):
         raise HeaderError("header is not a JSON object")
-    metadata = header.pop("__metadata__", None)
-    if metadata is not None and not (
-        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
-    ):
-        raise HeaderError("__metadata__ is not a map of strings")
+    metadata = _check_metadata(header.pop("__metadata__", None))
     entries = sorted(
         (_parse_entry(name, raw) for name, raw in header.items()), key=lambda e: (e.begin, e.end)
     )

@@ -6,16 +6,17 @@ whose ``num_samples`` is a positive integer.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from xffl_tasks.aggregate.errors import AggregationError
+from xffl_tasks.aggregate.metrics import METRICS_FILE, read_metrics
 
-METRICS_FILE = "metrics.json"
+__all__ = ["METRICS_FILE", "ClientWeight", "normalize", "read_metrics", "resolve_weights"]
 
 
 @dataclass(frozen=True)
@@ -62,28 +63,25 @@ def check_weight(name: str, value: object, field: str) -> float:
     return number
 
 
-def read_metrics(folder: Path, name: str) -> dict:
-    """The client's metrics.json, as a JSON object."""
-    path = Path(folder) / METRICS_FILE
-    if not path.is_file():
-        raise AggregationError(
-            f"client {name!r}: no {METRICS_FILE} in {folder} (its num_samples is the default weight); "
-            "give the weights explicitly (--weights) or add it"
-        )
-    try:
-        metrics = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AggregationError(
-            f"client {name!r}: {METRICS_FILE} is not valid JSON ({error})"
-        ) from None
-    if not isinstance(metrics, dict):
-        raise AggregationError(f"client {name!r}: {METRICS_FILE} is not a JSON object")
-    return metrics
+def weight_from_metrics(folder: Path, name: str) -> ClientWeight:
+    """The client's weight: ``num_samples`` of its validated metrics.json (see ``metrics``)."""
+    metrics = read_metrics(folder, name)
+    return ClientWeight(
+        float(metrics["num_samples"]),
+        "num_samples",
+        metrics["num_samples"],
+        metrics.get("num_tokens"),
+    )
 
 
-def _count(metrics: dict, field: str) -> int | None:
-    value = metrics.get(field)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+def check_given_weights(names: Sequence[str], weights: Sequence[float]) -> list[ClientWeight]:
+    """The explicitly given weights, one positive finite number per client."""
+    weights = list(weights)
+    if len(weights) != len(names):
+        raise AggregationError(f"weights: {len(weights)} weights for {len(names)} clients")
+    return [
+        ClientWeight(check_weight(name, w, "weight"), "given") for name, w in zip(names, weights)
+    ]
 
 
 def resolve_weights(
@@ -91,31 +89,45 @@ def resolve_weights(
 ) -> list[ClientWeight]:
     """The weight of each client: ``weights`` if given, else ``num_samples`` from metrics.json."""
     if weights is not None:
-        weights = list(weights)
-        if len(weights) != len(names):
-            raise AggregationError(f"weights: {len(weights)} weights for {len(names)} clients")
-        return [
-            ClientWeight(check_weight(name, w, "weight"), "given")
-            for name, w in zip(names, weights)
-        ]
-    resolved = []
-    for name, folder in zip(names, folders):
-        metrics = read_metrics(folder, name)
-        if "num_samples" not in metrics:
-            raise AggregationError(
-                f"client {name!r}: {METRICS_FILE} has no num_samples (the default weight)"
-            )
-        samples = metrics["num_samples"]
-        if _count(metrics, "num_samples") is None:
-            raise AggregationError(
-                f"client {name!r}: {METRICS_FILE} num_samples {samples!r} is not an integer"
-            )
-        weight = check_weight(name, samples, f"{METRICS_FILE} num_samples")
-        resolved.append(ClientWeight(weight, "num_samples", samples, _count(metrics, "num_tokens")))
-    return resolved
+        return check_given_weights(names, weights)
+    return [weight_from_metrics(folder, name) for name, folder in zip(names, folders)]
 
 
-def normalize(weights: Sequence[float]) -> list[float]:
-    """Weights scaled to sum to one."""
-    total = math.fsum(weights)
-    return [w / total for w in weights]
+def check_share(max_weight_share: float | None) -> Fraction | None:
+    """``max_weight_share`` as an exact fraction (0.6 -> 3/5), or an error unless 0 < it <= 1."""
+    if max_weight_share is None:
+        return None
+    if isinstance(max_weight_share, bool) or not isinstance(max_weight_share, numbers.Real):
+        raise AggregationError(f"max_weight_share {max_weight_share!r} is not a number")
+    share = float(max_weight_share)
+    if not 0 < share <= 1:
+        raise AggregationError(f"max_weight_share {max_weight_share!r} must be in (0, 1]")
+    return Fraction(repr(share))  # the decimal the user wrote, not its binary approximation
+
+
+def normalize(weights: Sequence[float], max_weight_share: float | None = None) -> list[float]:
+    """Weights scaled to sum to one, computed exactly (fractions), each rounded once at the end.
+
+    With ``max_weight_share``, no client gets more than that share: a client above it is set
+    to it and the rest is shared among the others in proportion to their weights, until no
+    one is above (water-filling). Infeasible when ``share * len(weights) < 1``.
+    """
+    exact = [Fraction(w) for w in weights]  # floats and ints convert exactly
+    if not exact or any(w <= 0 for w in exact):
+        raise AggregationError("weights: need at least one, all positive")
+    cap = check_share(max_weight_share)
+    if cap is not None and cap * len(exact) < 1:
+        raise AggregationError(
+            f"max_weight_share {max_weight_share} is infeasible for {len(exact)} clients "
+            f"(it must be at least 1/{len(exact)})"
+        )
+    capped: set[int] = set()
+    while True:
+        free = [i for i in range(len(exact)) if i not in capped]
+        left = 1 - (cap * len(capped) if cap is not None else 0)
+        free_total = sum(exact[i] for i in free)
+        shares = [cap if i in capped else exact[i] * left / free_total for i in range(len(exact))]
+        over = {i for i in free if cap is not None and shares[i] > cap}
+        if not over:
+            return [float(share) for share in shares]
+        capped |= over

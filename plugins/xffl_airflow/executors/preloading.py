@@ -8,7 +8,7 @@ in the scheduler, just before it forks its workers: each task process then finds
 ``sys.modules`` and shares their memory copy-on-write.
 
     AIRFLOW__CORE__EXECUTOR=xffl_airflow.executors.preloading.PreloadingLocalExecutor
-    AIRFLOW__XFFL__PRELOAD_MODULES=xffl_airflow.federation.dag,xffl_tasks.aggregate  # optional
+    AIRFLOW__XFFL__PRELOAD_MODULES=xffl_airflow.federation.dag,xffl_tasks.aggregate.aggregation  # optional
 
 Importing is all it does: no model is loaded and no torch thread starts before the fork. A
 module that fails to import is logged and skipped (the task imports it itself, as with the plain
@@ -32,7 +32,7 @@ DEFAULT_PRELOAD = (
     "xffl_airflow.federation.dag",
     "xffl_airflow.federation.rounds",
     "xffl_airflow.transfer",
-    "xffl_tasks.aggregate",
+    "xffl_tasks.aggregate.aggregation",
 )
 CONFIG_SECTION = "xffl"
 CONFIG_KEY = "preload_modules"

@@ -3,6 +3,12 @@
 Errors name the file and the field (``federation.yaml: facilities[1].name: ...``). Loading
 needs no torch and no network, so the DAG file that builds a federation's DAG stays cheap to
 parse; what needs Airflow (the connections) is checked when a round starts.
+
+The file is the config author's: it decides everything that runs or is read at a facility and
+on the worker (docs/security.md, R1). Everything that can be checked is checked on load, so a
+bad value is an import error of the DAG before any round is paid for (R6): path characters,
+strategy options, the training command's placeholders. ``${XFFL_NAME}`` in a value is
+replaced by that environment variable, in the file only, and no error prints the value (R3).
 """
 
 from __future__ import annotations
@@ -11,15 +17,41 @@ import hashlib
 import json
 import os
 import re
+import string
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from xffl_airflow.federation.knobs import (
+    CAMPAIGN,
+    DEFAULT_OVERRIDABLE,
+    Knob,
+    check_overridable,
+    current_value,
+    knobs_of,
+)
 
 NAME = r"^[a-z][a-z0-9_]{0,15}$"
-CAMPAIGN = r"^[a-z][a-z0-9_-]{0,63}$"
 CONN_ID = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,249}$"
+# A facility path reaches remote shells (quoted) and SFTP requests: letters, digits and a few
+# punctuation characters only, so that no quoting, line splitting or expansion can change it.
+REMOTE_PATH = r"^/[A-Za-z0-9_./+@%,:=-]*$"
+# The training command's placeholders: exactly these names, no attribute, index or format.
+PLACEHOLDERS = ("python", "model", "data", "out")
+# Environment variables a config file may refer to as ${NAME} (never Airflow's own, which
+# hold connections and secrets).
+ENV_PREFIX = "XFFL_"
 # The aggregation task's strategies (xffl_tasks.aggregate); a test keeps the two in step.
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "trimmed-mean", "median")
 LAUNCHERS = ("none", "srun", "torchrun")
@@ -44,8 +76,13 @@ class FacilityConfig(_Strict):
     launcher: Literal["none", "srun", "torchrun"] = "none"
     nproc_per_node: int = Field(default=1, ge=1, le=64)
     preamble: list[str] = Field(default_factory=list)
+    #: Shell lines run on the login node before every Slurm command (``module load slurm``,
+    #: exports): the facility's login environment. The config author's, like ``preamble``.
+    login_preamble: list[str] = Field(default_factory=list)
+    #: The folder of the Slurm commands at this facility, when they are not on the login PATH.
+    slurm_bin: str | None = None
     sbatch: dict[str, Any] = Field(default_factory=dict)
-    weight: float | None = Field(default=None, gt=0)
+    weight: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @field_validator("name")
     @classmethod
@@ -64,8 +101,14 @@ class FacilityConfig(_Strict):
     @field_validator("workdir", "data")
     @classmethod
     def _absolute_path(cls, value: str) -> str:
-        if not value.startswith("/") or "\n" in value or "\0" in value:
+        if not value.startswith("/"):
             raise ValueError(f"must be an absolute path on the facility, got {value!r}")
+        if not re.fullmatch(REMOTE_PATH, value):
+            odd = sorted({c for c in value if not re.fullmatch(r"[A-Za-z0-9_./+@%,:=-]", c)})
+            raise ValueError(
+                f"holds {', '.join(map(repr, odd))}: a facility path is letters, digits and _ . / + @ % , : = - "
+                "only (it reaches remote shells and SFTP; see docs/security.md, R6)"
+            )
         if ".." in Path(value).parts:
             raise ValueError(f"must not contain '..', got {value!r}")
         return value.rstrip("/") or "/"
@@ -77,13 +120,24 @@ class FacilityConfig(_Strict):
             raise ValueError(f"must be a plain command or path (letters, digits, _ . / + -), got {value!r}")
         return value
 
-    @field_validator("preamble")
+    @field_validator("preamble", "login_preamble")
     @classmethod
     def _preamble(cls, lines: list[str]) -> list[str]:
-        for line in lines:
-            if "\n" in line or "\0" in line:
-                raise ValueError("each preamble entry must be a single line")
+        from xffl_airflow.slurm.validation import check_shell_line
+
+        for index, line in enumerate(lines):
+            try:
+                check_shell_line(line, f"[{index}]")
+            except ValueError as error:
+                raise ValueError(str(error)) from None
         return lines
+
+    @field_validator("slurm_bin")
+    @classmethod
+    def _slurm_bin(cls, value: str | None) -> str | None:
+        if value is not None and (not re.fullmatch(REMOTE_PATH, value) or ".." in Path(value).parts):
+            raise ValueError(f"must be an absolute folder of letters, digits and _ . / + @ % , : = - only, got {value[:80]!r}")
+        return value
 
     @model_validator(mode="after")
     def _sbatch(self) -> FacilityConfig:
@@ -113,10 +167,7 @@ class TrainingConfig(_Strict):
     @model_validator(mode="after")
     def _known_placeholders(self) -> TrainingConfig:
         if self.command is not None:
-            names = set(re.findall(r"{(\w*)}", self.command))
-            unknown = names - {"python", "model", "data", "out"}
-            if unknown:
-                raise ValueError(f"command: unknown placeholder(s) {sorted(unknown)}; use {{python}} {{model}} {{data}} {{out}}")
+            check_command_template(self.command)
         for key, value in self.hyperparameters.items():
             if not re.fullmatch(r"[a-z][a-z0-9_]*", key):
                 raise ValueError(f"{key}: hyperparameter names are lower_snake_case")
@@ -138,9 +189,32 @@ class TrainingConfig(_Strict):
         return dict(self.model_extra or {})
 
 
+def check_command_template(command: str) -> str:
+    """The training command template: one line, only ``{python}`` ``{model}`` ``{data}``
+    ``{out}`` as placeholders (no attribute, index, conversion or format spec)."""
+    if "\n" in command or "\0" in command:
+        raise ValueError("command: must be a single line without NUL characters")
+    try:
+        fields = [parsed for parsed in string.Formatter().parse(command) if parsed[1] is not None]
+    except ValueError as error:
+        raise ValueError(f"command: not a valid template ({error}); write a literal brace as {{{{ or }}}}") from None
+    for _, name, spec, conversion in fields:
+        if name not in PLACEHOLDERS or spec or conversion:
+            shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+            raise ValueError(
+                f"command: placeholder {shown[:40]!r} is not one of {{python}} {{model}} {{data}} {{out}} "
+                "(plain, without attribute, index or format)"
+            )
+    return command
+
+
 class AggregationConfig(_Strict):
+    """How the round's models are combined. ``max_weight_share`` (optional) caps the share of
+    any one facility in the weighted average, whatever the sample counts it reports."""
+
     strategy: str = "fedavg"
     options: dict[str, float] = Field(default_factory=dict)
+    max_weight_share: float | None = Field(default=None, gt=0, le=1)
 
     @field_validator("strategy")
     @classmethod
@@ -148,6 +222,21 @@ class AggregationConfig(_Strict):
         if value not in STRATEGIES:
             raise ValueError(f"unknown strategy {value!r}; one of {', '.join(STRATEGIES)}")
         return value
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, value: dict[str, float], info: ValidationInfo) -> dict[str, float]:
+        # the strategies' own option table (torch-free): names, finite, in range
+        from xffl_tasks.aggregate.errors import AggregationError
+        from xffl_tasks.aggregate.strategy_options import check_options
+
+        strategy = info.data.get("strategy")
+        if strategy is None:  # refused above
+            return value
+        try:
+            return check_options(strategy, dict(value))
+        except AggregationError as error:
+            raise ValueError(str(error)) from None
 
 
 class ConvergenceConfig(_Strict):
@@ -157,18 +246,18 @@ class ConvergenceConfig(_Strict):
     ``min_update_norm``."""
 
     max_rounds: int = Field(default=3, ge=1, le=10000)
-    min_improvement: float = Field(default=0.0, ge=0)
+    min_improvement: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     patience: int = Field(default=1, ge=1)
-    min_update_norm: float = Field(default=0.0, ge=0)
+    min_update_norm: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
 
 class RetryConfig(_Strict):
     """Retries of every remote step (push, train, pull)."""
 
     retries: int = Field(default=2, ge=0, le=20)
-    retry_delay_s: float = Field(default=30.0, ge=0)
-    max_retry_delay_s: float = Field(default=600.0, ge=0)
-    train_timeout_h: float = Field(default=48.0, gt=0)
+    retry_delay_s: float = Field(default=30.0, ge=0, le=86400)
+    max_retry_delay_s: float = Field(default=600.0, ge=0, le=86400)
+    train_timeout_h: float = Field(default=48.0, gt=0, le=24 * 365)
 
 
 class FederationConfig(_Strict):
@@ -184,6 +273,8 @@ class FederationConfig(_Strict):
     schedule: str | None = None
     warm_start: bool = False
     description: str = ""
+    #: The knobs a run may change (docs/security.md, R2); absent: DEFAULT_OVERRIDABLE.
+    overridable: list[str] | None = None
 
     @field_validator("campaign")
     @classmethod
@@ -191,6 +282,11 @@ class FederationConfig(_Strict):
         if not re.fullmatch(CAMPAIGN, value):
             raise ValueError(f"a campaign name is 1-64 of a-z, 0-9, _ and -, starting with a letter; got {value!r}")
         return value
+
+    @field_validator("overridable")
+    @classmethod
+    def _overridable(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else check_overridable(value)
 
     @field_validator("storage", "base_model")
     @classmethod
@@ -207,7 +303,46 @@ class FederationConfig(_Strict):
             raise ValueError(f"facilities: repeated name(s) {repeated}")
         if self.quorum is not None and self.quorum > len(self.facilities):
             raise ValueError(f"quorum: {self.quorum} is more than the {len(self.facilities)} facilities")
+        places = [(f.connection_id, f.workdir) for f in self.facilities]
+        shared = sorted({f.name for f in self.facilities if places.count((f.connection_id, f.workdir)) > 1})
+        if shared:
+            raise ValueError(
+                f"facilities: {', '.join(shared)} share one connection and workdir; their rounds would "
+                "overwrite each other's models (give each its own workdir)"
+            )
+        share = self.aggregation.max_weight_share
+        # read as the decimal written (0.6 is 3/5), as the aggregation does
+        if share is not None and Fraction(str(share)) * self.required_facilities < 1:
+            raise ValueError(
+                f"aggregation.max_weight_share: {share:g} cannot hold when only {self.required_facilities} "
+                f"facilities (the quorum) deliver: the shares would add up to {share * self.required_facilities:g} < 1"
+            )
+        if self.training.command is not None and self.overridable:
+            opened = [p for p in self.overridable if p.startswith("training.")]
+            if opened:
+                raise ValueError(
+                    f"overridable: {opened[0]} has no effect with training.command set (the command "
+                    "takes no hyperparameters); open only convergence settings"
+                )
         return self
+
+    @property
+    def overridable_paths(self) -> list[str]:
+        if self.overridable is not None:
+            return list(self.overridable)
+        if self.training.command is not None:
+            return [p for p in DEFAULT_OVERRIDABLE if not p.startswith("training.")]
+        return list(DEFAULT_OVERRIDABLE)
+
+    @property
+    def knobs(self) -> list[Knob]:
+        """The run parameters this config opens, typed, with their ranges."""
+        return knobs_of(self.overridable_paths)
+
+    def knob_defaults(self) -> dict[str, Any]:
+        """Each opened knob's value in this config, by run parameter (the form's defaults)."""
+        sections = {"training": self.training.hyperparameters, "convergence": self.convergence.model_dump()}
+        return {knob.param: current_value(knob, sections) for knob in self.knobs}
 
     @property
     def required_facilities(self) -> int:
@@ -256,30 +391,59 @@ def parse_config(data: Any, *, source: str = "<config>") -> FederationConfig:
 ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def expand_env(data: Any, environ: dict[str, str], *, where: str = "") -> Any:
+def expand_env(data: Any, environ: dict[str, str], *, where: str = "", used: dict[str, str] | None = None) -> Any:
     """Replaces ``${NAME}`` in every string with the environment variable NAME.
 
-    An undefined variable is an error naming the field, never an empty string.
+    Only names starting with ``XFFL_`` may be used (never ``AIRFLOW_CONN_...`` or any other
+    variable of the worker); an undefined one is an error naming the field, never an empty
+    string. ``used`` collects the values substituted, so errors can hide them.
     """
     if isinstance(data, dict):
-        return {k: expand_env(v, environ, where=f"{where}.{k}" if where else str(k)) for k, v in data.items()}
+        return {k: expand_env(v, environ, where=f"{where}.{k}" if where else str(k), used=used) for k, v in data.items()}
     if isinstance(data, list):
-        return [expand_env(v, environ, where=f"{where}[{i}]") for i, v in enumerate(data)]
+        return [expand_env(v, environ, where=f"{where}[{i}]", used=used) for i, v in enumerate(data)]
     if isinstance(data, str):
         def value(match: re.Match) -> str:
             name = match.group(1)
+            if not name.startswith(ENV_PREFIX):
+                raise ConfigError(
+                    f"{where}: ${{{name}}} is not allowed; a config may refer only to environment "
+                    f"variables named {ENV_PREFIX}* (docs/security.md, R3)"
+                )
             if name not in environ:
                 raise ConfigError(f"{where}: environment variable {name} is not set")
+            if used is not None:
+                used[name] = environ[name]
             return environ[name]
 
         return ENV_REFERENCE.sub(value, data)
     return data
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FederationConfig:
-    """Reads and validates a federation config file, with ``overrides`` merged on top.
+def _hide(message: str, used: dict[str, str]) -> str:
+    """``message`` with every substituted environment value replaced by its ``${NAME}``."""
+    for name, text in sorted(used.items(), key=lambda item: -len(item[1])):
+        for shown in {text, repr(text)[1:-1], json.dumps(text)[1:-1]}:
+            if shown:
+                message = message.replace(shown, f"${{{name}}}")
+    return message
 
-    ``${NAME}`` in a string value is replaced by the environment variable NAME.
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what, without echoing the file's lines."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or type(error).__name__
+    if mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return str(problem)
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> FederationConfig:
+    """Reads and validates a federation config file.
+
+    ``overrides`` are a run's knob values (``{"training": {"max_steps": 10}}``), already
+    accepted by :func:`xffl_airflow.federation.knobs.accept_run_conf`: they are merged after
+    ``${XFFL_NAME}`` expansion and are never expanded themselves.
     """
     path = Path(path)
     try:
@@ -289,14 +453,18 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Fe
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+    used: dict[str, str] = {}
+    try:
+        data = expand_env(data, dict(os.environ), used=used)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     if overrides:
         data = merge(data if isinstance(data, dict) else {}, overrides)
     try:
-        data = expand_env(data, dict(os.environ))
+        return parse_config(data, source=str(path))
     except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
-    return parse_config(data, source=str(path))
+        raise ConfigError(_hide(str(error), used)) from None
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

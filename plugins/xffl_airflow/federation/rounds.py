@@ -21,6 +21,7 @@ from typing import Any
 from xffl_airflow.federation.config import ConfigError, FederationConfig, config_sha256, load_config
 from xffl_airflow.federation.connections import check_connections
 from xffl_airflow.federation.convergence import RoundOutcome, decide, weighted_loss
+from xffl_airflow.federation.knobs import RunConfError, accept_run_conf, check_campaign
 from xffl_airflow.federation.layout import CampaignLayout, RemoteLayout, run_id
 from xffl_tasks.manifest import MANIFEST, hash_tree, round_dirs, write_json_atomic, write_manifest
 
@@ -55,9 +56,13 @@ def model_view(model: Path, view: Path) -> Path:
 
 
 def campaign_name(config: FederationConfig, *, requested: str | None, run_type: str, logical_date: Any) -> str:
-    """A scheduled run starts a campaign of its own, named after the config and the date."""
+    """A scheduled run starts a campaign of its own, named after the config and the date.
+
+    A requested name follows the config's ``campaign`` rule (it names folders on the worker
+    and at every facility): ``../x`` or ``/etc`` is refused (docs/security.md, R2).
+    """
     if requested:
-        return requested
+        return check_campaign(requested, "params.campaign")
     if run_type == "scheduled" and logical_date is not None:
         stamp = logical_date.strftime("%Y%m%dt%H%M") if hasattr(logical_date, "strftime") else str(logical_date)
         return f"{config.campaign}-{stamp}"[:64]
@@ -119,27 +124,54 @@ def batch_preamble(config: FederationConfig, facility_name: str) -> list[str]:
     return list(config.facility(facility_name).preamble)
 
 
+def _round_number(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 1_000_000:
+        raise RunConfError(f"params.round: must be a whole number from 0 to 1000000, got {str(value)[:40]!r}")
+    return value
+
+
 def prepare_round(
     *,
     config_path: str,
     dag_id: str,
     dag_facilities: list[str],
-    campaign: str | None,
-    round_number: int,
-    overrides: dict[str, Any] | None,
+    run_conf: dict[str, Any],
     run_type: str,
     logical_date: Any = None,
 ) -> dict[str, Any]:
-    """Validates the config and the round, resolves the input model, plans every facility."""
-    config = load_config(config_path, overrides or None)
+    """Validates the config, the run's parameters and the round, resolves the input model,
+    plans every facility.
+
+    ``config_path`` is the DAG's own (fixed when the DAG is built, never a run parameter);
+    ``run_conf`` is every key the run was given: the campaign, the round and the knobs the
+    config opens. Anything else is refused here, naming it, before any facility work.
+    """
+    base = load_config(config_path)
+    refusals: list[str] = []
+
+    def attempt(check, *args):
+        try:
+            return check(*args)
+        except RunConfError as error:  # every refusal of the run at once, each naming its field
+            refusals.append(str(error))
+            return None
+
+    overrides = attempt(accept_run_conf, run_conf, base.knobs, base.knob_defaults()) or {}
+    round_number = attempt(_round_number, run_conf.get("round", 0))
+    campaign = run_conf.get("campaign") or None
+    if campaign is not None:
+        attempt(check_campaign, campaign, "params.campaign")
+    if refusals:
+        raise RunConfError("\n".join(refusals))
+    config = load_config(config_path, overrides) if overrides else base
+    if overrides:
+        log.info("this run changes %s", ", ".join(f"{s}.{k}={v!r}" for s, d in overrides.items() for k, v in d.items()))
     names = [f.name for f in config.facilities]
     if names != dag_facilities:
         raise ConfigError(
             f"{config_path}: facilities {names} differ from the DAG's {dag_facilities}; "
             "a run can change settings, not the set of facilities (edit the config and let the DAG reload)"
         )
-    if not isinstance(round_number, int) or round_number < 0:
-        raise ConfigError(f"params.round: must be a whole number >= 0, got {round_number!r}")
     check_connections(config)
     name = campaign_name(config, requested=campaign, run_type=run_type, logical_date=logical_date)
     layout = CampaignLayout(Path(config.storage), name)
@@ -236,7 +268,24 @@ def pull_local(plan: dict[str, Any], facility: str) -> dict[str, Any]:
     metrics_path = target / "metrics.json"
     if not metrics_path.is_file():
         raise RoundError(f"{facility}: the trained model has no metrics.json ({target})")
-    metrics = json.loads(metrics_path.read_text())
+    # a facility's outputs are untrusted: bounded, schema-checked metrics and headers that
+    # match the round's input model, or the facility is left out of the round (no retry)
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from xffl_tasks.aggregate.errors import AggregationError
+    from xffl_tasks.aggregate.metrics import read_metrics
+    from xffl_tasks.aggregate.model_folder import check_same_tensors, open_model_folder
+
+    try:
+        metrics = read_metrics(target, facility)
+        previous = open_model_folder(Path(plan["input_model"]), label="the round's input model")
+        check_same_tensors(previous, open_model_folder(target, label=f"client {facility!r}"))
+    except AggregationError as error:
+        aside = target.with_name(f"{target.name}.rejected")
+        if aside.exists():
+            shutil.rmtree(aside)
+        target.rename(aside)  # kept for inspection, never read by the round
+        raise AirflowFailException(f"outputs refused: {error} (set aside in {aside})") from None
     log.info(
         "%s: pulled %s in %.2f s; val loss %s -> %s on %s samples",
         facility, target, report["seconds"], metrics.get("val_loss_before"), metrics.get("val_loss_after"),
@@ -263,6 +312,8 @@ def _missing_reason(plan: dict[str, Any], facility: str) -> str:
     path = CampaignLayout(Path(plan["storage"]), plan["campaign"]).failure_record(plan["round"], facility)
     if path.is_file():
         record = json.loads(path.read_text())
+        if str(record["error"]).startswith("outputs refused: "):  # pull_local's refusal
+            return f"rejected: {record['error']}"
         return f"{record['task_id']} failed after {record['try_number']} attempt(s): {record['error']}"
     return "its tasks did not finish"
 
@@ -293,21 +344,37 @@ def aggregate_round(plan: dict[str, Any] | None, pulled: dict[str, dict[str, Any
     weights = None
     if any(plan["facilities"][n]["weight"] is not None for n in participants):
         weights = [float(plan["facilities"][n]["weight"] or 0) for n in participants]
+    from xffl_tasks.aggregate.errors import AggregationError
+
     started = time.monotonic()
-    report = aggregate(
-        Path(plan["input_model"]),
-        [Path(pulled[n]["path"]) for n in participants],
-        out,
-        strategy=config.aggregation.strategy,
-        weights=weights,
-        names=participants,
-        options=config.aggregation.options or None,
-    )
+    try:
+        report = aggregate(
+            Path(plan["input_model"]),
+            [Path(pulled[n]["path"]) for n in participants],
+            out,
+            strategy=config.aggregation.strategy,
+            weights=weights,
+            names=participants,
+            options=config.aggregation.options or None,
+            min_clients=plan["required_facilities"],
+            max_weight_share=config.aggregation.max_weight_share,
+        )
+    except AggregationError as error:  # bad input does not pass on a retry
+        raise RoundError(
+            f"campaign {plan['campaign']} round {plan['round']}: the aggregation refused its input "
+            f"(quorum {plan['required_facilities']}): {error}"
+        ) from error
+    rejected = {name: f"rejected by the aggregation: {reason}" for name, reason in report.get("rejected", {}).items()}
+    for name, reason in rejected.items():
+        log.warning("%s is left out of round %d: %s", name, plan["round"], reason)
+    missing.update(rejected)
+    rejected.update({name: reason for name, reason in missing.items() if reason.startswith("rejected")})
+    participants = [name for name in participants if name not in rejected]
     log.info(
         "aggregated %d facilities with %s in %.2f s; global update norm %s",
         len(participants), config.aggregation.strategy, time.monotonic() - started, report.get("global_update_norm"),
     )  # fmt: skip
-    return {"participants": participants, "missing": missing, "report": report, "path": str(out)}
+    return {"participants": participants, "missing": missing, "rejected": rejected, "report": report, "path": str(out)}
 
 
 # -- finalize ----------------------------------------------------------------------------
@@ -343,8 +410,11 @@ def finalize_round(
     facilities: dict[str, Any] = {}
     for name in plan["facilities"]:
         metrics = (pulled.get(name) or {}).get("metrics")
+        status = "ok" if name in aggregated["participants"] else "missing"
+        if name in aggregated.get("rejected", {}):
+            status = "rejected"
         facilities[name] = {
-            "status": "ok" if name in aggregated["participants"] else "missing",
+            "status": status,
             "reason": aggregated["missing"].get(name),
             "conn_id": plan["facilities"][name]["conn_id"],
             "weight": weights.get(name),
@@ -353,8 +423,13 @@ def finalize_round(
             "pull": _transfer_summary((pulled.get(name) or {}).get("transfer")),
             "metrics": metrics,
         }
-    losses_before = {n: (f["metrics"] or {}).get("val_loss_before") for n, f in facilities.items() if f["metrics"]}
-    losses_after = {n: (f["metrics"] or {}).get("val_loss_after") for n, f in facilities.items() if f["metrics"]}
+    def _loss(facility: dict[str, Any], key: str) -> float | None:  # validated metrics, still checked
+        value = (facility["metrics"] or {}).get(key) if isinstance(facility["metrics"], dict) else None
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    counted = [n for n, f in facilities.items() if f["status"] == "ok" and f["metrics"]]
+    losses_before = {n: _loss(facilities[n], "val_loss_before") for n in counted}
+    losses_after = {n: _loss(facilities[n], "val_loss_after") for n in counted}
     loss = weighted_loss(losses_before, weights)
     loss_after = weighted_loss(losses_after, weights)
     history = _history(layout, round_number) + [RoundOutcome(round_number, loss, report.get("global_update_norm"))]
@@ -387,6 +462,8 @@ def finalize_round(
         "facilities": facilities,
         "participants": aggregated["participants"],
         "missing": aggregated["missing"],
+        "rejected": aggregated.get("rejected", {}),
+        "weights": weights,
         "inputs": inputs,
         "aggregation": {
             k: report.get(k)
@@ -414,8 +491,8 @@ def finalize_round(
         "next_conf": {
             "campaign": plan["campaign"],
             "round": round_number + 1,
-            "config": plan["config_path"],
-            "overrides": plan["overrides"],
+            # the knobs this run changed, as run parameters: the next round runs with the same
+            **{name: value for section in plan["overrides"].values() for name, value in section.items()},
         },
     }
 

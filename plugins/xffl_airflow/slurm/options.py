@@ -8,6 +8,7 @@ from typing import Any
 
 from xffl_airflow.slurm import validation as v
 from xffl_airflow.slurm.errors import SlurmInputError
+from xffl_airflow.slurm.sbatch_options import check_extra, check_word
 
 
 def _positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
@@ -45,8 +46,11 @@ class SbatchOptions:
     :param mem: ``--mem`` per node, such as ``"64G"``.
     :param time: ``--time`` limit in a Slurm format (``"30"``, ``"0:01"``, ``"1-12:00:00"``), or
         whole minutes as an int.
-    :param extra: further ``--option[=value]`` strings, each validated; options the operator sets
-        itself (``--job-name``, ``--output``, ...) are refused.
+    :param extra: further sbatch options, one word per entry (``--name=value``, ``--name`` then
+        the value, short ``-X value`` or ``-Xvalue``), read as sbatch's getopt_long reads them
+        (``sbatch_options``): unknown or ambiguous options are refused, and so is every option
+        the operator sets itself or relies on (``sbatch_options.RESERVED``: ``--job-name``,
+        ``--output``, ``--array``, ...), whatever prefix or short form names it.
     :param preamble: shell lines run before the command (module loads, virtualenv activation).
         They are the facility owner's own shell code, written into the script as given: never
         build them from untrusted input.
@@ -163,7 +167,7 @@ def _validated(options: SbatchOptions) -> dict[str, Any]:
                 v.TIME_RE,
                 "a Slurm time limit such as 30, 0:01, 2:00:00 or 1-12:00:00",
             )
-    out["extra"] = _string_list(options.extra, "extra", v.check_extra_option)
+    out["extra"] = check_extra(_string_list(options.extra, "extra", check_word), "extra")
     out["preamble"] = _string_list(options.preamble, "preamble", v.check_shell_line)
     return out
 

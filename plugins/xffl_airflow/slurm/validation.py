@@ -3,6 +3,8 @@
 Each check either returns the value (normalised) or raises ``SlurmInputError`` naming the
 field. The rules are deliberately narrower than what Slurm accepts: a value that passes is safe
 inside an ``#SBATCH`` line without quoting and inside a shell command once ``shlex.quote``-d.
+Names and paths holding a line break or control character are refused first, with a message
+that shows the character (``xffl_airflow.remote_text``): Slurm prints them back in lines we read.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from xffl_airflow.remote_text import LINE_BREAKS, RemoteNameError, check_remote_name
 from xffl_airflow.slurm.errors import SlurmInputError
 
 # Job names: what squeue shows. No spaces, quotes or shell metacharacters.
@@ -28,29 +31,11 @@ ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 # Airflow ids as they may appear in the job tag (ASCII only: they reach Slurm).
 AIRFLOW_KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,250}$")
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9_.~:+-]{1,250}$")
-# One extra sbatch option in long form, with an optional value of safe characters.
-EXTRA_OPTION_RE = re.compile(r"^--[a-z][a-z0-9-]*(?:=[A-Za-z0-9_.,:/@%+=\[\]-]+)?$")
 # Slurm time formats: minutes, minutes:seconds, hours:minutes:seconds, days-hours[:minutes[:seconds]].
 TIME_RE = re.compile(r"^(?:[0-9]+-)?[0-9]+(?::[0-9]+){0,2}$")
 MEM_RE = re.compile(r"^[0-9]+[KMGT]?$")
 NODES_RE = re.compile(r"^[1-9][0-9]{0,5}(?:-[1-9][0-9]{0,5})?$")
 GPUS_RE = re.compile(r"^(?:[A-Za-z0-9_.-]{1,32}:)?[0-9]{1,4}$")
-
-# Options the operator sets itself: a duplicate in ``extra`` would silently win or conflict.
-RESERVED_OPTIONS = frozenset(
-    {
-        "job-name",
-        "comment",
-        "chdir",
-        "output",
-        "error",
-        "open-mode",
-        "parsable",
-        "wrap",
-        "array",
-        "wait",
-    }
-)
 
 
 def _text(value: object, field: str) -> str:
@@ -59,10 +44,19 @@ def _text(value: object, field: str) -> str:
     return value
 
 
+def _name(value: object, field: str) -> str:
+    """``value`` if it is a string that can travel to a facility and back in Slurm's output."""
+    text = _text(value, field)
+    try:
+        return check_remote_name(text, field)
+    except RemoteNameError as error:
+        raise SlurmInputError(field, error.detail) from None
+
+
 def _matching(value: object, field: str, pattern: re.Pattern[str], complaint: str) -> str:
     """``value`` if it is a string that ``pattern`` matches whole; else an error naming the
     field, whose message is ``complaint`` with ``{value}`` replaced by the value's repr."""
-    text = _text(value, field)
+    text = _name(value, field)
     if not pattern.fullmatch(text):
         raise SlurmInputError(field, complaint.replace("{value}", repr(text)))
     return text
@@ -89,7 +83,7 @@ def check_job_id(value: object, field: str = "job_id") -> str:
 
 def check_path(value: object, field: str, *, patterns: bool = False) -> str:
     """A remote path: absolute, or relative to the facility user's login directory."""
-    text = _text(value, field)
+    text = _name(value, field)
     pattern = OUTPUT_PATH_RE if patterns else PATH_RE
     if not text or not pattern.fullmatch(text):
         allowed = "A-Z a-z 0-9 _ . / @ + = , -" + (" %" if patterns else "")
@@ -127,10 +121,13 @@ def check_env(env: object, field: str = "env") -> dict[str, str]:
 
 
 def check_shell_line(value: object, field: str) -> str:
-    """One line of the user's own shell code (preamble, command): no NUL, no line breaks."""
+    """One line of the user's own shell code (preamble, command): no NUL, no line breaks (any
+    that ``str.splitlines`` honours: one line must stay one wherever the script is read)."""
     text = _text(value, field)
-    if "\x00" in text or "\n" in text or "\r" in text:
-        raise SlurmInputError(field, "must be a single line without NUL characters")
+    if LINE_BREAKS.intersection(text):
+        raise SlurmInputError(
+            field, f"must be a single line without NUL characters, got {text[:200]!r}"
+        )
     return text
 
 
@@ -141,22 +138,6 @@ def check_command(value: object, field: str = "command") -> str:
         raise SlurmInputError(field, "must not be empty")
     if "\x00" in text:
         raise SlurmInputError(field, "must not contain NUL characters")
-    return text
-
-
-def check_extra_option(value: object, field: str) -> str:
-    text = _text(value, field).strip()
-    if not EXTRA_OPTION_RE.fullmatch(text):
-        raise SlurmInputError(
-            field,
-            f"{text!r} is not an sbatch option of the form --name or --name=value "
-            "(value of A-Z a-z 0-9 _ . , : / @ % + = [ ] -)",
-        )
-    name = text[2:].split("=", 1)[0]
-    if name in RESERVED_OPTIONS:
-        raise SlurmInputError(
-            field, f"--{name} is set by the operator and cannot be given in extra"
-        )
     return text
 
 

@@ -1,8 +1,9 @@
 """A facility endpoint for transfers, and the pure rules that keep remote paths in its workdir.
 
 These checks are lexical: they refuse ``..``, absolute paths outside the workdir and names that
-cannot travel safely through a remote shell. Symlinks that escape are caught on the remote
-side (``session.FacilitySession.confine``), where they can be resolved.
+cannot travel safely through a remote shell and back (``xffl_airflow.remote_text``). Symlinks
+that escape are caught on the remote side (``session.FacilitySession.confine``), where they can
+be resolved.
 """
 
 from __future__ import annotations
@@ -11,12 +12,11 @@ import posixpath
 import re
 from dataclasses import dataclass
 
+from xffl_airflow.remote_text import RemoteNameError, check_remote_name, refused_char
 from xffl_airflow.transfer.errors import TransferError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _CONN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,249}")
-# Control characters and backslashes: they break `sha256sum` output and log lines.
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f\\]")
 
 PART_SUFFIX = ".xffl-part"
 
@@ -44,9 +44,10 @@ class RemoteFacility:
                 f"facility {self.name}: conn_id must be an Airflow connection id, got {self.conn_id!r}"
             )
         workdir = self.workdir
-        if not isinstance(workdir, str) or not workdir.startswith("/") or _UNSAFE.search(workdir):
+        if not isinstance(workdir, str) or not workdir.startswith("/") or refused_char(workdir):
             raise ValueError(
-                f"facility {self.name}: workdir must be an absolute path without control characters, got {workdir!r}"
+                f"facility {self.name}: workdir must be an absolute path without line breaks, "
+                f"control characters or backslashes, got {workdir!r}"
             )
         if ".." in workdir.split("/"):
             raise ValueError(
@@ -66,12 +67,10 @@ class RemoteFacility:
             raise TransferError(
                 self.name, f"remote path must be a non-empty string, got {path!r}", path=str(path)
             )
-        if _UNSAFE.search(path):
-            raise TransferError(
-                self.name,
-                f"remote path {path!r} contains control characters or backslashes",
-                path=path,
-            )
+        try:
+            check_remote_name(path, "remote path")
+        except RemoteNameError as error:
+            raise TransferError(self.name, str(error), path=path) from None
         if ".." in path.split("/"):
             raise TransferError(
                 self.name, f"remote path {path!r} contains '..': refused", path=path
@@ -97,12 +96,11 @@ def is_within(root: str, path: str) -> bool:
 def check_relative_name(relative: str) -> str:
     """A file's path inside a model folder, as it travels: POSIX, relative, no ``..``.
 
-    Raises ValueError naming the path when it cannot be used safely.
+    Raises ValueError naming the path (with ``repr``) when it cannot be used safely.
     """
-    if not relative or relative.startswith("/") or _UNSAFE.search(relative):
-        raise ValueError(
-            f"unusable file name {relative!r} (absolute, empty, control characters or backslash)"
-        )
+    if not isinstance(relative, str) or not relative or relative.startswith("/"):
+        raise ValueError(f"unusable file name {relative!r} (absolute or empty)")
+    check_remote_name(relative, "file name")
     parts = relative.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise ValueError(f"unusable file name {relative!r} (empty, '.' or '..' component)")

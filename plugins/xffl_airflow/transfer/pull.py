@@ -91,10 +91,18 @@ class PullRun(TransferRun):
                 continue
             path = posixpath.join(folder, name)
             relative = f"{prefix}{name}"
+            # The listing is the facility's word: a name we could not hash, log or store as
+            # one file is refused here, before anything is written locally.
             try:
+                if "/" in name:
+                    raise ValueError(f"file name {name!r} holds '/'")
                 check_relative_name(relative)
             except ValueError as error:
-                raise TransferError(self.facility.name, f"{path}: {error}", path=path) from None
+                raise TransferError(
+                    self.facility.name,
+                    f"the listing of {folder!r} holds an unusable name: {error}",
+                    path=path,
+                ) from None
             attrs = entry.attrs
             mode = attrs.permissions or 0
             if stat.S_ISLNK(mode):

@@ -200,7 +200,10 @@ def test_bad_weights_are_named(family, out, capsys, weights, words):
 
 @pytest.mark.parametrize(
     ("samples", "words"),
-    [(0, ["positive"]), (-5, ["positive"]), ("12", ["not an integer"]), (2.5, ["not an integer"])],
+    [
+        (samples, ["is not a whole number from 1 to 1000000000000"])
+        for samples in (0, -5, "12", 2.5, 10**13, True)
+    ],
 )
 def test_bad_num_samples_are_named(family_copy, out, capsys, samples, words):
     (family_copy.clients["site1"] / "metrics.json").write_text(

@@ -11,45 +11,13 @@ module per algorithm; the classes only validate options and call them.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from xffl_tasks.aggregate.errors import AggregationError
-
-
-@dataclass(frozen=True)
-class OptionSpec:
-    """One hyperparameter: its default and the interval it must lie in."""
-
-    name: str
-    default: float
-    low: float
-    high: float
-    low_open: bool = False
-    high_open: bool = False
-    help: str = ""
-
-    def interval(self) -> str:
-        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-
-    def check(self, strategy: str, value: object) -> float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise AggregationError(
-                f"option {self.name!r} of {strategy} must be a number, got {value!r}"
-            )
-        number = float(value)
-        below = number < self.low or (self.low_open and number == self.low)
-        above = number > self.high or (self.high_open and number == self.high)
-        if not math.isfinite(number) or below or above:
-            raise AggregationError(
-                f"option {self.name!r} of {strategy} must be in {self.interval()}, got {value!r}"
-            )
-        return number
+from xffl_tasks.aggregate.strategy_options import OptionSpec
 
 
 class Strategy:

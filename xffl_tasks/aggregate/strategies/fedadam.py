@@ -6,26 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from xffl_tasks.aggregate.strategies.base import OptionSpec, Strategy
+from xffl_tasks.aggregate.strategies.base import Strategy
 from xffl_tasks.aggregate.strategies.fedavg import weighted_mean
+from xffl_tasks.aggregate.strategy_options import OPTION_SPECS
 
-#: The options FedAdam and FedYogi share; defaults as in Reddi et al. (tau 1e-3), with a
-#: server learning rate small enough for fine-tuning a large model.
-ADAPTIVE_OPTIONS = (
-    OptionSpec(
-        "server_learning_rate", 1e-2, 0.0, 1e3, low_open=True, help="eta, the server step size"
-    ),
-    OptionSpec("beta1", 0.9, 0.0, 1.0, high_open=True, help="decay of the first moment"),
-    OptionSpec("beta2", 0.99, 0.0, 1.0, high_open=True, help="decay of the second moment"),
-    OptionSpec(
-        "tau",
-        1e-3,
-        0.0,
-        1.0,
-        low_open=True,
-        help="adaptivity: added to the root of the second moment",
-    ),
-)
+ADAPTIVE_OPTIONS = OPTION_SPECS["fedadam"]
 
 
 def adaptive_change(

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from xffl_tasks.aggregate.strategies.base import OptionSpec, Strategy
+from xffl_tasks.aggregate.strategies.base import Strategy
 from xffl_tasks.aggregate.strategies.fedavg import weighted_mean
+from xffl_tasks.aggregate.strategy_options import OPTION_SPECS
 
 
 def momentum_step(
@@ -28,12 +29,7 @@ def momentum_step(
 
 class FedAvgM(Strategy):
     name = "fedavgm"
-    option_specs = (
-        OptionSpec(
-            "server_learning_rate", 1.0, 0.0, 1e3, low_open=True, help="step size on the momentum"
-        ),
-        OptionSpec("momentum", 0.9, 0.0, 1.0, high_open=True, help="server momentum (beta)"),
-    )
+    option_specs = OPTION_SPECS["fedavgm"]
     state_names = ("momentum",)
 
     def combine(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

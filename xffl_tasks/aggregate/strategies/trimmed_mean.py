@@ -7,8 +7,9 @@ import math
 import torch
 
 from xffl_tasks.aggregate.errors import AggregationError
-from xffl_tasks.aggregate.strategies.base import OptionSpec, Strategy
+from xffl_tasks.aggregate.strategies.base import Strategy
 from xffl_tasks.aggregate.strategies.order_statistics import sort_clients
+from xffl_tasks.aggregate.strategy_options import OPTION_SPECS
 
 
 def trimmed_count(num_clients: int, trim_fraction: float) -> int:
@@ -33,17 +34,7 @@ class TrimmedMean(Strategy):
     """Unweighted; with the default fraction, one bad facility out of three or more is dropped."""
 
     name = "trimmed-mean"
-    option_specs = (
-        OptionSpec(
-            "trim_fraction",
-            0.2,
-            0.0,
-            0.5,
-            low_open=True,
-            high_open=True,
-            help="fraction of the clients dropped at each end, rounded up",
-        ),
-    )
+    option_specs = OPTION_SPECS["trimmed-mean"]
     weighted = False
     scratch_per_client = 1
 

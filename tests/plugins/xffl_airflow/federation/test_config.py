@@ -55,7 +55,27 @@ def test_defaults_and_connection_ids():
         ({"facilities": [{"name": "a", "workdir": "/w", "data": "/d"}, {"name": "a", "workdir": "/v", "data": "/e"}]}, "repeated name(s) ['a']"),
         ({"facilities": []}, "facilities: List should have at least 1 item"),
         ({"convergence": {"max_rounds": 0}}, "convergence.max_rounds"),
-        ({"training": {"command": "{python} {nope}"}}, "unknown placeholder(s) ['nope']"),
+        ({"training": {"command": "{python} {nope}"}}, "placeholder '{nope}' is not one of"),
+        ({"training": {"command": "{python.__class__} {out}"}}, "placeholder '{python.__class__}' is not one of"),
+        ({"training": {"command": "{python!r} {out}"}}, "placeholder '{python!r}' is not one of"),
+        ({"training": {"command": "{python} {out"}}, "training: command: not a valid template"),
+        ({"facilities": [{"name": "a", "workdir": "/w/$(id)", "data": "/d"}]}, "facilities[0].workdir: holds '$', '(', ')'"),
+        ({"facilities": [{"name": "a", "workdir": "/w", "data": "/d/x y\u2028z"}]}, "facilities[0].data: holds"),
+        ({"facilities": [{"name": "a", "workdir": "/w", "data": "/d", "weight": float("inf")}]}, "facilities[0].weight"),
+        ({"aggregation": {"strategy": "fedavgm", "options": {"server_learning_rate": float("inf")}}},
+         "aggregation.options: option 'server_learning_rate' of fedavgm must be in (0, 1000], got inf"),
+        ({"aggregation": {"strategy": "fedavgm", "options": {"momentum": 1.5}}}, "option 'momentum' of fedavgm must be in [0, 1)"),
+        ({"aggregation": {"options": {"beta1": 0.9}}}, "option 'beta1' is not an option of fedavg"),
+        ({"convergence": {"min_improvement": float("nan")}}, "convergence.min_improvement"),
+        ({"aggregation": {"max_weight_share": 0.4}}, "aggregation.max_weight_share: 0.4 cannot hold when only 2 facilities"),
+        ({"facilities": [{"name": "a", "workdir": "/w", "data": "/d"}, {"name": "b", "conn_id": "facility_a", "workdir": "/w", "data": "/e"}]},
+         "facilities: a, b share one connection and workdir"),
+        ({"overridable": ["training.command"]}, "overridable: [0]: training.command cannot be opened to runs"),
+        ({"overridable": ["facilities"]}, "overridable: [0]: facilities cannot be opened to runs"),
+        ({"overridable": ["storage", "training.max_steps"]}, "overridable: [0]: storage cannot be opened"),
+        ({"overridable": ["training.seed", "training.seed"]}, "training.seed is listed twice"),
+        ({"training": {"command": "{python} -m x {out}"}, "overridable": ["training.max_steps"]},
+         "overridable: training.max_steps has no effect with training.command set"),
         ({"training": {"learning_rate": [1, 2]}}, "learning_rate: must be a number"),
         ({"storage": "relative"}, "storage: must be an absolute path"),
         ({"facilities": [{"name": "a", "workdir": "/w", "data": "/d", "sbatch": {"partition": "a;b"}}]}, "facilities[0]: sbatch.partition"),
@@ -91,6 +111,40 @@ def test_environment_references_expand_and_unset_ones_are_named(tmp_path, monkey
     monkeypatch.delenv("XFFL_TEST_STORAGE")
     with pytest.raises(ConfigError, match="storage: environment variable XFFL_TEST_STORAGE is not set"):
         load_config(write(tmp_path, data))
+
+
+def test_only_xffl_variables_expand_and_no_error_prints_an_expanded_value(tmp_path, monkeypatch):
+    secret = '{"conn_type": "ssh", "extra": {"private_key": "-----BEGIN OPENSSH PRIVATE KEY-----abc"}}'
+    monkeypatch.setenv("AIRFLOW_CONN_FACILITY_X", secret)
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, {**BASE, "campaign": "${AIRFLOW_CONN_FACILITY_X}"}))
+    assert "campaign: ${AIRFLOW_CONN_FACILITY_X} is not allowed" in str(refused.value)
+    assert "PRIVATE KEY" not in str(refused.value) and "conn_type" not in str(refused.value)
+    # an allowed variable whose value is invalid: the error names the variable, not its value
+    monkeypatch.setenv("XFFL_TEST_CAMPAIGN", "Not A Name: s3cr3t")
+    with pytest.raises(ConfigError) as refused:
+        load_config(write(tmp_path, {**BASE, "campaign": "${XFFL_TEST_CAMPAIGN}"}))
+    assert "campaign: a campaign name is" in str(refused.value) and "${XFFL_TEST_CAMPAIGN}" in str(refused.value)
+    assert "s3cr3t" not in str(refused.value)
+
+
+def test_a_yaml_error_says_where_without_echoing_the_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("campaign: demo\nsecret_line: [unclosed, token-abc123\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(tmp_path / "bad.yaml")
+    assert "not valid YAML" in str(refused.value) and "line " in str(refused.value)
+    assert "token-abc123" not in str(refused.value) and "secret_line" not in str(refused.value)
+
+
+def test_overridable_defaults_and_knob_defaults(tmp_path):
+    config = parse_config({**BASE, "training": {"max_steps": 10}})
+    assert [k.path for k in config.knobs][:2] == ["training.learning_rate", "training.lr_schedule"]
+    defaults = config.knob_defaults()
+    assert defaults["max_steps"] == 10 and defaults["max_rounds"] == 3 and defaults["lr_schedule"] == "cosine"
+    closed = parse_config({**BASE, "overridable": []})
+    assert closed.knobs == [] and closed.knob_defaults() == {}
+    with_command = parse_config({**BASE, "training": {"command": "{python} -m x {model} {data} {out}"}})
+    assert all(k.section == "convergence" for k in with_command.knobs)
 
 
 def test_overrides_merge_deeply(tmp_path):

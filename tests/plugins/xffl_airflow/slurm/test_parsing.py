@@ -11,6 +11,7 @@ import base64
 import pytest
 from xffl_airflow.slurm.errors import SlurmOutputError
 from xffl_airflow.slurm.parsing import (
+    Malformed,
     parse_sacct,
     parse_sbatch,
     parse_scontrol,
@@ -242,3 +243,86 @@ def test_sbatch_parsable_output():
         == "invalid partition specified: nope; Batch job submission failed: Invalid partition name specified"
     )
     assert sbatch_error("") == "no error message"
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_a_malformed_log_line_is_skipped_and_the_others_are_read():
+    text = (
+        "@@xffl tz +0000\n"
+        + section_output("squeue", row("1", "1", "RUNNING"), 0)
+        + f"@@xffl log w1 12 abc 5\n{b64(b'hello')}\n"  # a non-numeric offset
+        + f"@@xffl log w2 5 0 5\n{b64(b'hello')}\n"
+        + f"@@xffl log w3 10 \u0663 5\n{b64(b'hello')}\n"  # int() reads an Arabic-Indic 3
+        + "@@xffl log w4 10 0 4\n!!!!\n"  # not base64
+        + f"@@xffl log w5 10 -2 5\n{b64(b'hello')}\n"
+        + f"@@xffl log w6 10 0\n{b64(b'hello')}\n"  # a field short
+        + "@@xffl log w7 10 0 4\n@@xffl bogus\n"  # the data line is missing
+        + f"@@xffl log w8 8 3 5\n{b64(b'world')}\n"
+    )
+    out = parse_sections(text)
+    assert sorted(out.logs) == ["w2", "w8"]
+    assert out.logs["w2"].data == b"hello" and out.logs["w8"].next_offset == 8
+    assert out.section("squeue").rc == 0 and out.tz == "+0000"
+    assert out.malformed == [
+        Malformed("log", "@@xffl log w1 12 abc 5"),
+        Malformed("log", "@@xffl log w3 10 \u0663 5"),
+        Malformed("log", "!!!!"),
+        Malformed("log", "@@xffl log w5 10 -2 5"),
+        Malformed("log", "@@xffl log w6 10 0"),
+        Malformed("log", "@@xffl log w7 10 0 4"),
+        Malformed("marker", "@@xffl bogus"),
+    ]
+
+
+def test_malformed_markers_are_skipped_and_recorded():
+    out = parse_sections(
+        "@@xffl tz 0100\n"
+        "@@xffl begin\n"
+        "@@xffl end 0\n"  # no section is open
+        "@@xffl begin squeue\nslurm_load_jobs error\n@@xffl end one\n"
+        "@@xffl begin sacct\u2028x y\nrow\n@@xffl end 0\n"
+    )
+    assert out.tz is None
+    squeue = out.section("squeue")
+    assert squeue.text == "slurm_load_jobs error" and squeue.rc is None  # read as a failed query
+    assert out.section("sacct\u2028x", "y").text == "row"  # split on spaces, not at U+2028
+    assert [m.kind for m in out.malformed] == ["marker"] * 4
+    assert [m.line for m in out.malformed] == [
+        "@@xffl tz 0100", "@@xffl begin", "@@xffl end 0", "@@xffl end one"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"@@xffl \n", b"@@xffl log\n", b"@@xffl log k 1 1 1", b"\xff@@xffl log \xff 1 1 1\n\xff",
+     "@@xffl log k 1 1 1\n\u00e9\n", b"@@xffl end\n@@xffl begin a b c d\n"],
+)  # fmt: skip
+def test_parsing_never_raises(data):
+    parse_sections(data)
+
+
+def test_squeue_rows_are_split_on_newline_only():
+    # a log path holding \x1c (which splitlines() would cut the row at) stays in its field
+    text = row("5", "5", "RUNNING", "None", "0", "2026-11-25T20:21:22", "2026-11-25T20:21:22", "N/A",
+               "exp", "wrap", "/home/u/odd\x1cname.out", "(null)")  # fmt: skip
+    (job,) = parse_squeue(text + "\n")
+    assert job.job_id == "5" and job.stdout == "/home/u/odd\x1cname.out"
+    assert [j.job_id for j in parse_sacct(SACCT.replace("xffl.train", "x\u2028train"))][:1] == [
+        "4242"
+    ]
+
+
+def test_a_short_row_costs_one_row_when_malformed_lines_are_collected():
+    short = row("3", "3", "RUNNING")
+    out = parse_sections(section_output("squeue", SQUEUE + "\n" + short, 0))
+    assert squeue_answer(out.section("squeue")) is None  # strict: the whole answer is unread
+    malformed: list[Malformed] = []
+    assert len(squeue_answer(out.section("squeue"), malformed=malformed)) == 7
+    assert malformed == [Malformed("squeue", "3\x1f3\x1fRUNNING\x1f")]
+    sacct = parse_sections(section_output("sacct", "4242\x1fgarbage\n" + SACCT, 0))
+    assert sacct_answer(sacct.section("sacct")) is None
+    assert len(sacct_answer(sacct.section("sacct"), malformed=malformed)) == 7
+    assert malformed[1:] == [Malformed("sacct", "4242\x1fgarbage")]

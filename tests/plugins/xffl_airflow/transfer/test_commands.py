@@ -144,3 +144,36 @@ def test_the_growing_hasher_command_has_nothing_for_a_shell_to_mangle():
     script = command.split("'")[1]
     assert "\n" not in command and "!" not in command and "$" not in command
     assert script.startswith("import base64; exec(base64.b64decode(")
+
+
+# Names the facility could not print back on one line never reach a command (remote_text).
+ODD = "/w/m/model\u2028x.bin"
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: commands.build_sha256(OPENSSL, ODD),
+        lambda: commands.build_sha256(COREUTILS, ODD),
+        lambda: commands.build_segment_hashes(OPENSSL, ODD, 100, 30),
+        lambda: commands.build_growing_hash(ODD),
+    ],
+    ids=["openssl", "sha256sum", "segments", "growing"],
+)
+def test_commands_refuse_a_path_with_a_line_break(build):
+    with pytest.raises(
+        ValueError, match=r"^remote path '/w/m/model\\u2028x\.bin' holds U\+2028 \(LINE SEPARATOR\)"
+    ):
+        build()
+
+
+def test_a_hash_line_is_split_on_newline_only():
+    # splitlines() would drop the U+2028 and read the name as /w/m/model.bin
+    with pytest.raises(ValueError, match=r"unexpected hash output for '/w/m/model.bin'"):
+        commands.parse_sha256(f"{H1}  /w/m/model.bin\u2028", "/w/m/model.bin")
+    # and would read one line holding \x1c as two segments
+    with pytest.raises(ValueError, match="unexpected segment hash line"):
+        commands.parse_segment_hashes(f"{H1} *stdin\x1c{H2} *stdin\n", 60, 30)
+    # a marker glued to other output by \x85 is not a line of its own
+    noise = f"{commands.EMPTY_SHA256} */dev/null\nnoise\x85{commands.PYTHON_OK}\n"
+    assert commands.parse_probe(noise) == HashTools(openssl=True, python3=False)
