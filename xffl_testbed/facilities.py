@@ -121,6 +121,56 @@ class Facility:
     def daemon_pid(self, daemon: str) -> int:
         return int((Path(self.facility_dir) / "pids" / f"{daemon}.pid").read_text())
 
+    # -- access as centres grant it (docker/facility/access) ---------------------------
+
+    def enable_certificates(self, *, validity: str = "-1m:+1h", cert_only: bool = False) -> str:
+        """A user CA trusted by this facility's sshd; signs the client key. Returns the cert's path.
+
+        ``cert_only``: the plain client key is no longer authorized (only certificates log in).
+        """
+        args = ["--validity", validity, *(["--cert-only"] if cert_only else [])]
+        return _run_script("access", self.run_dir, self.name, "ca", *args).strip().splitlines()[-1]
+
+    def sign_certificate(self, validity: str = "-1m:+1h") -> str:
+        """(Re)signs the client key (renewal: the file is replaced atomically); returns its path."""
+        out = _run_script("access", self.run_dir, self.name, "sign", "--validity", validity)
+        return out.strip().splitlines()[-1]
+
+    def start_bastion(self) -> Bastion:
+        """Starts a bastion sshd forwarding only to this facility's sshd (stopped by ``down``)."""
+        path = _run_script("access", self.run_dir, self.name, "bastion").strip().splitlines()[-1]
+        return Bastion(**json.loads(Path(path).read_text()), facility=self.name,
+                       pid_file=str(Path(self.facility_dir) / "pids" / "bastion-sshd.pid"))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Bastion:
+    """A jump host in front of one facility, as ``access ... bastion`` described it."""
+
+    facility: str
+    host: str
+    ssh_port: int
+    user: str
+    client_key: str
+    host_key: str
+    permit_open: str
+    pid_file: str
+
+    @property
+    def pid(self) -> int:
+        return int(Path(self.pid_file).read_text())
+
+    @property
+    def connection(self) -> dict:
+        """The Airflow connection (JSON form) of this jump host, host key pinned."""
+        return {
+            "conn_type": "ssh",
+            "host": self.host,
+            "port": self.ssh_port,
+            "login": self.user,
+            "extra": {"key_file": self.client_key, "host_key": self.host_key, "conn_timeout": 10},
+        }
+
 
 def _run_script(script: str, *args: str, timeout: float = 300) -> str:
     result = subprocess.run(

@@ -165,7 +165,7 @@ PrintMotd no
 MaxSessions 100
 MaxStartups 100:30:200
 ClientAliveInterval 30
-Subsystem sftp internal-sftp
+Subsystem sftp ${SFTP_SERVER:-internal-sftp}
 SetEnv SLURM_CONF=$d/slurm.conf
 EOF
     mv "$d/sshd_config.tmp" "$d/sshd_config"
@@ -173,7 +173,8 @@ EOF
 
 # start_facility: renders the configs and starts slurmctld, slurmd and sshd for one facility.
 # Needs FACILITY_NAME FACILITY_DIR FACILITY_USER SLURMCTLD_PORT SLURMD_PORT SSH_PORT
-# MUNGE_SOCKET; optional SSH_LISTEN MIN_JOB_AGE PARTITION NODE_CPUS.
+# MUNGE_SOCKET; optional SSH_LISTEN MIN_JOB_AGE PARTITION NODE_CPUS SFTP_SERVER (the SFTP
+# subsystem's program; internal-sftp when empty).
 start_facility() {
     : "${FACILITY_NAME:?}" "${FACILITY_DIR:?}" "${FACILITY_USER:?}" "${SLURMCTLD_PORT:?}"
     : "${SLURMD_PORT:?}" "${SSH_PORT:?}" "${MUNGE_SOCKET:?}"

@@ -30,6 +30,10 @@ Config: `{config}`; facilities: {facilities}.
 Trigger with `campaign` and `round` (0 starts a campaign); the run of round N+1 is triggered by
 round N unless the campaign converged. Retries of a facility's push, train and pull are
 automatic; a facility that still fails is left out of the round if the quorum allows.
+
+A run may change only the settings the config opens (shown in the form, the config's values
+pre-filled): {knobs}. Commands, paths, connections, sbatch options and storage are the config
+file's alone.
 """
 
 
@@ -49,13 +53,14 @@ TRAINING_REFUSED_INPUT = (2,)
 
 
 def _refusals_fail_at_once(step, /, *args, **kwargs):
-    """Runs a round step; a config or round refusal fails the task without retries."""
+    """Runs a round step; a config, run parameter or round refusal fails the task without retries."""
     from xffl_airflow.federation.config import ConfigError
+    from xffl_airflow.federation.knobs import RunConfError
     from xffl_airflow.federation.rounds import RoundError
 
     try:
         return step(*args, **kwargs)
-    except (ConfigError, RoundError) as error:
+    except (ConfigError, RunConfError, RoundError) as error:
         raise AirflowFailException(f"{type(error).__name__}: {error}") from error
 
 
@@ -66,6 +71,25 @@ def _record_failure(context) -> None:
     facility = ti.task_id.split(".", 1)[0]
     plan = ti.xcom_pull(task_ids="prepare")
     record_failure(plan, facility, ti.task_id, ti.try_number, context.get("exception"))
+
+
+def run_params(config) -> dict[str, Param]:
+    """The trigger form: the campaign, the round, and one typed field per opened knob."""
+    params = {
+        # optional in the form (null allowed): empty means the config's campaign
+        "campaign": Param(None, type=["null", "string"], maxLength=64, title="Campaign",
+                          description="Empty: the config's campaign (a scheduled run starts a new one). "
+                                      "1-64 of a-z, 0-9, _ and -, starting with a letter"),
+        "round": Param(0, type="integer", minimum=0, maximum=1_000_000, title="Round",
+                       description="0 starts the campaign; later rounds are triggered by the previous one"),
+    }  # fmt: skip
+    defaults = config.knob_defaults()
+    for knob in config.knobs:
+        params[knob.param] = Param(
+            defaults[knob.param], title=knob.path, description=f"{knob.help} (the config's value by default)",
+            **knob.schema(),
+        )  # fmt: skip
+    return params
 
 
 def build_federation_dag(config_path: str) -> DAG:
@@ -88,16 +112,11 @@ def build_federation_dag(config_path: str) -> DAG:
         max_active_runs=1,
         render_template_as_native_obj=True,
         tags=["xffl", "federated-learning"],
-        params={
-            "config": Param(config_path, type="string", title="Federation config",
-                            description="YAML file of the federation (same facilities as this DAG)"),
-            "campaign": Param("", type="string", title="Campaign",
-                              description="Empty: the config's campaign (a scheduled run starts a new one)"),
-            "round": Param(0, type="integer", minimum=0, title="Round"),
-            "overrides": Param({}, type="object", title="Overrides",
-                               description='Merged into the config, e.g. {"training": {"max_steps": 10}}'),
-        },  # fmt: skip
-        doc_md=DOC.format(config=config_path, facilities=", ".join(names)),
+        params=run_params(config),
+        doc_md=DOC.format(
+            config=config_path, facilities=", ".join(names),
+            knobs=", ".join(f"`{k.param}`" for k in config.knobs) or "none",
+        ),  # fmt: skip
     ) as dag:
 
         @task(**LOCAL_RETRIES)
@@ -106,14 +125,15 @@ def build_federation_dag(config_path: str) -> DAG:
 
             context = get_current_context()
             params, dag_run = context["params"], context["dag_run"]
+            # every key the run was given (the form's fields and anything else in its conf):
+            # what the config did not open is refused by name before any facility work
+            run_conf = {**dict(params), **dict(dag_run.conf or {})}
             return _refusals_fail_at_once(
                 prepare_round,
-                config_path=params["config"],
+                config_path=config_path,
                 dag_id=dag.dag_id,
                 dag_facilities=names,
-                campaign=params["campaign"] or None,
-                round_number=params["round"],
-                overrides=params["overrides"],
+                run_conf=run_conf,
                 run_type=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
                 logical_date=context.get("logical_date"),
             )
@@ -140,6 +160,9 @@ def build_federation_dag(config_path: str) -> DAG:
                     # xffl_tasks.train exits 2 on a bad config, missing data or a launch
                     # environment that does not add up: a retry would queue again for nothing
                     fail_fast_exit_codes=TRAINING_REFUSED_INPUT,
+                    # the facility's login environment: the config author's, fixed here
+                    login_preamble=config.facility(name).login_preamble,
+                    slurm_bin=config.facility(name).slurm_bin,
                     **remote_retries,
                 )
 

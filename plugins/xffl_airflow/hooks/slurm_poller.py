@@ -4,7 +4,7 @@ Every ``SlurmJobTrigger`` of the same facility (SSH connection id) in one trigge
 *watch* with that facility's ``FacilityPoller``. The poller keeps one SSH connection and runs
 one remote command per poll for all its watches: ``squeue`` for every watched job plus the new
 bytes of every running job's log. Only jobs that left squeue cost a second command (sacct,
-``sacct -c``, scontrol), and only on the polls where that happens. So the number of remote
+``sacct -c``, scontrol, the job's end record), and only on the polls where that happens. So the number of remote
 commands per minute follows the number of facilities, not of jobs.
 
 Each watch polls fast at first (``MIN_INTERVAL``) and backs off towards its own
@@ -12,7 +12,12 @@ Each watch polls fast at first (``MIN_INTERVAL``) and backs off towards its own
 A failed connection or query is retried on jittered, bounded exponential backoff and reported
 to the watches as a ``problem``, never as a job state. A connection that cannot work (no such
 Airflow connection, host-key mismatch, login refused) is reported as ``fatal`` after
-``FATAL_AFTER`` tries in a row.
+``FATAL_AFTER`` tries in a row. A line of an answer that cannot be read (a bad ``@@xffl``
+marker, a short squeue row) is skipped and logged, once per kind and poller: the other jobs'
+updates flow on, and the job it concerned is asked again at the next poll.
+
+Pollers are keyed by connection id and login environment (``login_preamble``, ``slurm_bin``):
+two environments on one connection id never share a poller, whose commands run in its own.
 
 The poller runs in a task with an empty context, so its own log lines do not land in one
 trigger's task log; each trigger logs what its watch receives.
@@ -35,7 +40,9 @@ from dataclasses import dataclass, field
 import asyncssh
 
 from xffl_airflow.hooks.slurm import QueryResult, SlurmClient, SlurmCommandError
-from xffl_airflow.slurm.commands import DEFAULT_LOG_CHUNK, LogRead
+from xffl_airflow.slurm.commands import DEFAULT_LOG_CHUNK, LoginEnvironment, LogRead
+from xffl_airflow.slurm.parsing import Malformed
+from xffl_airflow.slurm.script import end_record_path
 from xffl_airflow.slurm.states import Phase, SlurmJob
 from xffl_airflow.ssh import FacilityConnectionError, aget_target, connect
 
@@ -58,7 +65,9 @@ class JobUpdate:
     """What one poll says to one watch."""
 
     job: SlurmJob | None = None  # the latest record; None when not known this time
-    lost: bool = False  # every source answered and none knows the job
+    lost: bool = False  # every source answered and none knows the job (or it vanished)
+    vanished: bool = False  # left squeue and scontrol; no accounting to ask, no end record
+    accounting: str | None = None  # why sacct could not tell how the job ended, this poll
     tz: str | None = None
     log_lines: list[str] = field(default_factory=list)
     log_offset: int = 0
@@ -110,7 +119,8 @@ class Watch:
         if polled_state:
             job = answer.jobs.get(self.job_id)
             update.job = job
-            update.lost = self.job_id in answer.lost
+            update.lost = self.job_id in answer.lost or self.job_id in answer.vanished
+            update.vanished = self.job_id in answer.vanished
             if job is not None:
                 self.phase = job.phase
                 if job.phase.final:
@@ -120,10 +130,10 @@ class Watch:
         else:
             update.job = self.final_job
             self.drain_polls += 1
+            # no chunk: the read's answer was cut off or unreadable; ask again (bounded)
             self.drained = (
                 self.drained
-                or chunk is None
-                or _at_eof(chunk)
+                or (chunk is not None and _at_eof(chunk))
                 or self.drain_polls >= MAX_DRAIN_POLLS
             )
         update.log_offset = self.offset
@@ -173,8 +183,11 @@ async def _default_connector(conn_id: str) -> SlurmClient:
 class FacilityPoller:
     """Polls one facility for every watch registered in this event loop. Use ``poller_for``."""
 
-    def __init__(self, conn_id: str, *, connector: Connector | None = None):
+    def __init__(self, conn_id: str, *, connector: Connector | None = None,
+                 login: LoginEnvironment | None = None):  # fmt: skip
         self.conn_id = conn_id
+        self.login = login or LoginEnvironment()
+        self.key = self.login.key(conn_id)
         self.watches: dict[str, Watch] = {}
         self.closed = False
         self.polls = 0
@@ -186,6 +199,8 @@ class FacilityPoller:
         self._retry_at = 0.0
         self._failures = 0
         self._fatal_failures = 0
+        self.malformed_lines = 0  # lines of the facility's answers skipped as unreadable
+        self._malformed_kinds: set[str] = set()
 
     @asynccontextmanager
     async def watch(self, job_id: str, *, log_path: str | None = None, log_offset: int = 0,
@@ -259,17 +274,25 @@ class FacilityPoller:
         reads = [r for r in (w.log_read() for w in watches) if r is not None]
         try:
             answer = await client.poll(state_ids, reads)
+            self._skipped(answer.malformed)
             if answer.problems:
                 self._failed("; ".join(answer.problems))
                 return
             missing = [j for j in state_ids if j not in answer.jobs]
+            accounting = None
             if missing:
-                resolved = await client.resolve(missing)
+                records = {w.job_id: end_record_path(w.log_path) for w in watches}
+                resolved = await client.resolve(
+                    missing, {j: p for j, p in records.items() if j in missing and p}
+                )
+                self._skipped(resolved.malformed)
                 answer.jobs.update(resolved.jobs)
                 answer.lost |= resolved.lost
+                answer.vanished |= resolved.vanished
                 answer.tz = answer.tz or resolved.tz
                 if resolved.problems:
-                    log.warning("Slurm at %s: %s", self.conn_id, "; ".join(resolved.problems))
+                    accounting = "; ".join(resolved.problems)
+                    log.warning("Slurm at %s: %s", self.conn_id, accounting)
             tails = await self._tails_without_log(client, watches, answer)
         except SlurmCommandError as error:
             await self._drop_client()
@@ -280,6 +303,8 @@ class FacilityPoller:
         now = time.monotonic()
         for watch in watches:
             update = watch.take(answer, now, polled_state=watch.job_id in state_ids)
+            if accounting and watch.job_id in missing:
+                update.accounting = accounting
             if update.final:
                 if watch.key in tails:
                     update.log_tail = tails[watch.key]
@@ -311,6 +336,7 @@ class FacilityPoller:
     async def _get_client(self) -> SlurmClient:
         if self._client is None:
             self._client = await self._connector(self.conn_id)
+            self._client.login = self.login  # every command of this poller runs in it
         return self._client
 
     async def _drop_client(self) -> None:
@@ -326,6 +352,19 @@ class FacilityPoller:
                 asyncssh.Error,
             ) as error:  # a dead link: nothing to close
                 log.debug("Closing the link to %s: %s", self.conn_id, error)
+
+    def _skipped(self, lines: list[Malformed]) -> None:
+        """Logs the unreadable lines of an answer: the first of each kind as a warning, the
+        rest at debug level (a facility that keeps printing one would flood the log)."""
+        for item in lines:
+            self.malformed_lines += 1
+            if item.kind in self._malformed_kinds:
+                log.debug("Slurm at %s: skipped another unreadable %s line: %r",
+                          self.conn_id, item.kind, item.line)  # fmt: skip
+                continue
+            self._malformed_kinds.add(item.kind)
+            log.warning("Slurm at %s printed an unreadable %s line, skipped (further ones are "
+                        "logged at debug level): %r", self.conn_id, item.kind, item.line)  # fmt: skip
 
     def _failed(self, message: str, *, fatal: bool = False) -> None:
         self._failures += 1
@@ -360,17 +399,19 @@ _POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Facilit
 )
 
 
-def poller_for(conn_id: str, *, connector: Connector | None = None) -> FacilityPoller:
-    """The running loop's poller of ``conn_id`` (made on first use)."""
+def poller_for(conn_id: str, *, connector: Connector | None = None,
+               login: LoginEnvironment | None = None) -> FacilityPoller:  # fmt: skip
+    """The running loop's poller of ``conn_id`` in ``login`` environment (made on first use)."""
     loop = asyncio.get_running_loop()
     pollers = _POLLERS.setdefault(loop, {})
-    poller = pollers.get(conn_id)
+    key = (login or LoginEnvironment()).key(conn_id)
+    poller = pollers.get(key)
     if poller is None or poller.closed:
-        poller = pollers[conn_id] = FacilityPoller(conn_id, connector=connector)
+        poller = pollers[key] = FacilityPoller(conn_id, connector=connector, login=login)
     return poller
 
 
 def _forget(poller: FacilityPoller) -> None:
     for pollers in _POLLERS.values():
-        if pollers.get(poller.conn_id) is poller:
-            del pollers[poller.conn_id]
+        if pollers.get(poller.key) is poller:
+            del pollers[poller.key]

@@ -8,13 +8,16 @@ Exactly once: the job id goes into ``context["task_state_store"]`` as soon as sb
 and the job's ``--comment`` carries the task instance (``xffl/<dag>/<run>/<task>/<map>``). A
 retry or a restarted worker re-attaches to that job (found by id, else by its tag while it is
 queued or running) unless it ended in failure; a facility that cannot be asked is an error,
-never a reason to submit again. Once a job's success has been reported (the task succeeded),
+never a reason to submit again. An sbatch whose answer is lost or unreadable (a noisy login
+shell, a dropped link, a timeout) is never followed by another sbatch: the job is first looked
+up by its tag (and a retry looks again, through a marker in the store). Once a job's success has been reported (the task succeeded),
 it is marked so in the store: clearing the task in the UI then runs the command again in a new
 job instead of handing back the old result.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,7 +25,12 @@ from typing import Any, ClassVar
 
 from airflow.sdk import BaseOperator, Context
 
-from xffl_airflow.hooks.slurm import SlurmCommandError, SlurmHook, SlurmSubmitError
+from xffl_airflow.hooks.slurm import (
+    SlurmCommandError,
+    SlurmHook,
+    SlurmSubmitError,
+    SlurmSubmitUnknown,
+)
 from xffl_airflow.operators.slurm_results import (
     SlurmConfigError,
     SlurmJobError,
@@ -30,10 +38,11 @@ from xffl_airflow.operators.slurm_results import (
     check_event,
 )
 from xffl_airflow.slurm import validation as v
+from xffl_airflow.slurm.commands import login_environment
 from xffl_airflow.slurm.errors import SlurmInputError
 from xffl_airflow.slurm.options import SbatchOptions
 from xffl_airflow.slurm.report import job_report
-from xffl_airflow.slurm.script import command_text, render_batch_script
+from xffl_airflow.slurm.script import command_text, end_record_path, render_batch_script
 from xffl_airflow.slurm.states import Phase, SlurmJob
 from xffl_airflow.slurm.tags import TaskTag, default_job_name
 from xffl_airflow.ssh import FacilityConnectionError
@@ -90,6 +99,10 @@ class SlurmOperator(BaseOperator):
     :param fail_fast_exit_codes: exit statuses (1-255) by which the command says that its input
         is wrong; a job ending with one fails the task at once, without its retries (each retry
         would wait in the queue again for nothing). Default none: every failure is retried.
+    :param login_preamble: shell lines run on the login node before every Slurm command
+        (``module load slurm``, exports): the facility's login environment. Not templated.
+    :param slurm_bin: the absolute folder of the facility's Slurm commands, put first on the
+        PATH of every Slurm command. Not templated.
 
     Returns (XCom) the job report: ``job_id``, ``cluster``, ``conn_id``, ``state``,
     ``exit_code``, ``reason``, ``submit_time``, ``start_time``, ``end_time`` (ISO 8601),
@@ -119,6 +132,8 @@ class SlurmOperator(BaseOperator):
         follow_log: bool = True,
         cancel_on_timeout: bool = True,
         fail_fast_exit_codes: Collection[int] = (),
+        login_preamble: Sequence[str] | None = None,
+        slurm_bin: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -148,7 +163,14 @@ class SlurmOperator(BaseOperator):
                 f"got {fail_fast_exit_codes!r}"
             )
         self.fail_fast_exit_codes = frozenset(codes)
+        try:
+            login = login_environment(login_preamble, slurm_bin)
+        except SlurmInputError as error:
+            raise SlurmConfigError(f"task {self.task_id} ({ssh_conn_id}): {error}") from None
+        self.login_preamble = list(login.preamble)
+        self.slurm_bin = login.slurm_bin
         self._job_id: str | None = None
+        self._newest_known: str | None = None  # the newest job id of this task instance seen
         if not isinstance(ssh_conn_id, str) or not ssh_conn_id:
             raise SlurmConfigError(
                 f"task {self.task_id}: ssh_conn_id must name an Airflow SSH connection"
@@ -197,13 +219,11 @@ class SlurmOperator(BaseOperator):
             self.log.warning(
                 "No task_state_store in this Airflow: a retry finds its job by its tag only"
             )
-        with SlurmHook(ssh_conn_id=self.ssh_conn_id) as hook:
+        with self._hook() as hook:
             try:
-                found = self._existing_job(hook, store, spec, tag)
-                if found is None:
-                    ref, job, tz = self._submit(hook, store, spec, tag), None, None
-                else:
-                    ref, job, tz = found
+                ref, job, tz = self._existing_job(hook, store, spec, tag) or self._submit(
+                    hook, store, spec, tag
+                )
                 self._job_id = ref["job_id"]
                 if job is not None and job.phase is Phase.SUCCESS:
                     self.log.info("Slurm job %s already ended %s", ref["job_id"], job.state)
@@ -231,6 +251,8 @@ class SlurmOperator(BaseOperator):
                 follow_log=self.follow_log,
                 timeout_at=timeout_at.isoformat(),
                 cancel_on_kill=True,
+                login_preamble=self.login_preamble,
+                slurm_bin=self.slurm_bin,
             ),
             method_name="execute_complete",
             timeout=self.timeout + DEFER_MARGIN,
@@ -239,20 +261,41 @@ class SlurmOperator(BaseOperator):
     def _existing_job(self, hook: SlurmHook, store: Any, spec: JobSpec, tag: TaskTag
                       ) -> tuple[dict[str, Any], SlurmJob, str | None] | None:  # fmt: skip
         """The job an earlier try of this task instance submitted, unless it ended in failure."""
+        self._newest_known = None
         stored = store.get(STATE_KEY) if store is not None else None
+        if (
+            isinstance(stored, dict)
+            and not stored.get("job_id")
+            and "unconfirmed_after" in stored
+            and stored.get("conn_id") == self.ssh_conn_id
+        ):
+            self.log.warning(
+                "An earlier try's sbatch answer was lost: looking for its job by its tag %s",
+                tag.comment,
+            )
+            found = self._unconfirmed(hook, store, spec, tag, stored["unconfirmed_after"])
+            if found is not None and found[1].phase is Phase.FAILURE:
+                self.log.warning(
+                    "Job %s of an earlier try ended %s: submitting anew", found[1].job_id, found[1].state
+                )  # fmt: skip
+                return None
+            return found
         if (
             isinstance(stored, dict)
             and stored.get("job_id")
             and stored.get("conn_id") == self.ssh_conn_id
         ):
             job_id = v.check_job_id(stored["job_id"])
+            self._newest_known = job_id
             if stored.get("reported"):
                 self.log.info(
                     "Job %s of an earlier try succeeded and was reported: submitting anew "
                     "(the task was cleared to run again)", job_id,
                 )  # fmt: skip
                 return None
-            answer = hook.query([job_id])
+            # at a site without accounting the job's own end record may be all that is left
+            record = end_record_path(stored.get("log_path"))
+            answer = hook.query([job_id], {job_id: record} if record else None)
             job = answer.jobs.get(job_id)
             if job is None and job_id not in answer.lost:
                 raise SlurmCommandError(
@@ -276,6 +319,7 @@ class SlurmOperator(BaseOperator):
             )
             return stored, job, answer.tz
         tz, found = hook.find_tagged(spec.job_name, tag.comment)
+        self._newest_known = found[-1].job_id if found else None
         # Without a stored id only a job still queued or running is taken up: an ended one is
         # a failure, or a success that an earlier try reported (the task was cleared since).
         alive = [job for job in found if not job.phase.final]
@@ -293,21 +337,62 @@ class SlurmOperator(BaseOperator):
         )
         return ref, job, tz
 
-    def _submit(self, hook: SlurmHook, store: Any, spec: JobSpec, tag: TaskTag) -> dict[str, Any]:
+    def _submit(self, hook: SlurmHook, store: Any, spec: JobSpec, tag: TaskTag
+                ) -> tuple[dict[str, Any], SlurmJob | None, str | None]:  # fmt: skip
         workdir = hook.resolve_workdir(spec.workdir)
         output = f"{workdir.rstrip('/')}/{spec.job_name}-%j.log"
         script = render_batch_script(spec.options, command=spec.command, job_name=spec.job_name,
                                      comment=tag.comment, workdir=workdir, output=output, env=spec.env)  # fmt: skip
-        job_id, cluster = hook.submit(
-            script, workdir=workdir, script_name=f"{spec.job_name}.sbatch"
-        )
+        try:
+            job_id, cluster = hook.submit(
+                script, workdir=workdir, script_name=f"{spec.job_name}.sbatch"
+            )
+        except SlurmSubmitUnknown as error:
+            # Never sbatch again blindly: the job may exist. Look for it by its tag; a retry
+            # (or a restarted worker) finds this marker and looks again before submitting.
+            after = self._newest_known
+            if store is not None:
+                store.set(STATE_KEY, {"conn_id": self.ssh_conn_id, "job_name": spec.job_name,
+                                      "unconfirmed_after": after})  # fmt: skip
+            self.log.warning("%s: looking for the job by its tag %s", error, tag.comment)
+            found = self._unconfirmed(hook, store, spec, tag, after, output=output)
+            if found is None:
+                raise SlurmCommandError(
+                    self.ssh_conn_id,
+                    f"{error.detail}, but no job tagged {tag.comment} was found; not submitting "
+                    "again in this try (a retry looks for it again first)",
+                ) from None
+            return found
         ref = self._ref(job_id, cluster, output.replace("%j", job_id), spec)
         if store is not None:
             store.set(STATE_KEY, ref)
         self.log.info(
             "Submitted Slurm job %s to %s; log %s", job_id, self.ssh_conn_id, ref["log_path"]
         )
-        return ref
+        return ref, None, None
+
+    def _unconfirmed(self, hook: SlurmHook, store: Any, spec: JobSpec, tag: TaskTag,
+                     after: str | None, *, output: str | None = None
+                     ) -> tuple[dict[str, Any], SlurmJob, str | None] | None:  # fmt: skip
+        """The job an sbatch with a lost answer submitted: the newest job with this task's tag
+        newer than ``after`` (the newest one known before that sbatch), in any state."""
+        tz, found = hook.find_tagged(spec.job_name, tag.comment)
+        newer = [
+            job for job in found if after is None or _job_number(job.job_id) > _job_number(after)
+        ]
+        if not newer:
+            return None
+        job = newer[-1]
+        self._newest_known = job.job_id
+        log_path = job.stdout or (output.replace("%j", job.job_id) if output else None)
+        ref = self._ref(job.job_id, job.cluster, log_path, spec)
+        if store is not None:
+            store.set(STATE_KEY, ref)
+        self.log.warning(
+            "Found Slurm job %s (%s) by its tag %s: sbatch had submitted it", job.job_id, job.state,
+            tag.comment,
+        )  # fmt: skip
+        return ref, job, tz
 
     def _ref(
         self, job_id: str, cluster: str | None, log_path: str | None, spec: JobSpec
@@ -343,13 +428,22 @@ class SlurmOperator(BaseOperator):
 
     def _cancel(self, job_id: str, *, why: str) -> None:
         try:
-            with SlurmHook(ssh_conn_id=self.ssh_conn_id) as hook:
+            with self._hook() as hook:
                 hook.cancel(job_id)
             self.log.warning("Cancelled Slurm job %s on %s: %s", job_id, self.ssh_conn_id, why)
         except Exception as error:  # noqa: BLE001 - best effort: the failure that follows tells the story
             self.log.error(
                 "Could not cancel Slurm job %s on %s: %s", job_id, self.ssh_conn_id, error
             )
+
+    def _hook(self) -> SlurmHook:
+        return SlurmHook(ssh_conn_id=self.ssh_conn_id, login_preamble=self.login_preamble,
+                         slurm_bin=self.slurm_bin)  # fmt: skip
+
+
+def _job_number(job_id: str) -> int:
+    """The numeric part of a job id (``123`` of ``123_4``), for telling newer from older."""
+    return int(re.match(r"\d+", job_id).group(0))
 
 
 def _mark_reported(store: Any, job_id: str) -> None:

@@ -17,6 +17,7 @@ from xffl_airflow.operators.slurm_results import (
     failure_message,
 )
 from xffl_airflow.slurm import validation as v
+from xffl_airflow.slurm.commands import login_environment
 from xffl_airflow.slurm.errors import SlurmInputError
 from xffl_airflow.slurm.report import job_report
 from xffl_airflow.slurm.states import Phase, SlurmJob
@@ -41,6 +42,8 @@ class SlurmJobSensor(BaseSensorOperator):
     :param log_tail_lines: last log lines shown when the job fails.
     :param follow_log: stream the job's log into the task log.
     :param deferrable: wait in the triggerer (default); False pokes from a worker.
+    :param login_preamble: shell lines run before every Slurm command at the facility.
+    :param slurm_bin: the absolute folder of the facility's Slurm commands.
 
     ``timeout`` (seconds, from ``BaseSensorOperator``) bounds the wait. Returns (XCom) the job
     report, as ``SlurmOperator`` does.
@@ -59,6 +62,8 @@ class SlurmJobSensor(BaseSensorOperator):
         log_tail_lines: int = 50,
         follow_log: bool = True,
         deferrable: bool = True,
+        login_preamble: Sequence[str] | None = None,
+        slurm_bin: str | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("poke_interval", poll_interval)
@@ -73,6 +78,12 @@ class SlurmJobSensor(BaseSensorOperator):
         self.log_tail_lines = int(log_tail_lines)
         self.follow_log = follow_log
         self.deferrable = deferrable
+        try:
+            login = login_environment(login_preamble, slurm_bin)
+        except SlurmInputError as error:
+            raise SlurmConfigError(f"task {self.task_id} ({ssh_conn_id}): {error}") from None
+        self.login_preamble = list(login.preamble)
+        self.slurm_bin = login.slurm_bin
 
     def execute(self, context: Context) -> Any:
         if not self.deferrable:
@@ -95,6 +106,8 @@ class SlurmJobSensor(BaseSensorOperator):
                 follow_log=self.follow_log,
                 timeout_at=(datetime.now(UTC) + timeout).isoformat(),
                 cancel_on_kill=False,
+                login_preamble=self.login_preamble,
+                slurm_bin=self.slurm_bin,
             ),
             method_name="execute_complete",
             timeout=timeout + DEFER_MARGIN,
@@ -115,7 +128,7 @@ class SlurmJobSensor(BaseSensorOperator):
     def _look_up(self) -> tuple[SlurmJob | None, str | None, str | None]:
         """The job (None while unknown), its log path, the facility's UTC offset."""
         try:
-            with SlurmHook(ssh_conn_id=self.ssh_conn_id) as hook:
+            with self._hook() as hook:
                 if self.job_id is not None:
                     self._job_ref = v.check_job_id(self.job_id)
                 else:
@@ -147,13 +160,17 @@ class SlurmJobSensor(BaseSensorOperator):
                 log_path = None  # a path we would not quote safely: do not follow it
         return job, log_path, answer.tz
 
+    def _hook(self) -> SlurmHook:
+        return SlurmHook(ssh_conn_id=self.ssh_conn_id, login_preamble=self.login_preamble,
+                         slurm_bin=self.slurm_bin)  # fmt: skip
+
     def _ended(self, job: SlurmJob, log_path: str | None, tz: str | None) -> dict[str, Any]:
         report = job_report(job, conn_id=self.ssh_conn_id, log_path=log_path, tz=tz)
         if job.phase is Phase.SUCCESS:
             return report
         tail: list[str] = []
         if log_path and self.log_tail_lines:
-            with SlurmHook(ssh_conn_id=self.ssh_conn_id) as hook:
+            with self._hook() as hook:
                 tail = hook.log_tail(job.job_id, log_path, self.log_tail_lines)
         return check_event({**report, "status": "failed", "message": failure_message({**report, "log_tail": tail}),
                             "log_tail": tail}, task_id=self.task_id)  # fmt: skip

@@ -9,13 +9,18 @@ output is framed by ``@@xffl`` marker lines that ``parsing.parse_sections`` read
     @@xffl begin squeue [ARG]               a command's combined output follows ...
     @@xffl end RC                           ... and its exit status
     @@xffl log KEY SIZE OFFSET COUNT        then one line: COUNT bytes of the log from OFFSET, base64
+    @@xffl begin end JOB                    a job's end record (``script.end_record_path``), base64
+
+Every command runs in the facility's login environment (``LoginEnvironment``: the config's
+``login_preamble`` lines, then ``slurm_bin`` first on the PATH), see ``build_login_command``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import shlex
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from xffl_airflow.slurm import validation as v
@@ -33,6 +38,8 @@ SACCT_FIELDS = (
 )  # fmt: skip
 # Longest log slice read per job and poll; the rest comes with the next poll.
 DEFAULT_LOG_CHUNK = 256 * 1024
+# Longest end record read (a real one is under 100 bytes; longer ones are refused unread).
+MAX_END_RECORD = 256
 
 _LOG_FUNCTION = f"""xffl_log() {{
   s=$(stat -c %s -- "$2" 2>/dev/null) || s=-1
@@ -115,9 +122,12 @@ def build_poll_script(job_ids: Sequence[str], log_reads: Sequence[LogRead] = ())
     return "".join(parts)
 
 
-def build_resolve_script(job_ids: Sequence[str]) -> str:
+def build_resolve_script(
+    job_ids: Sequence[str], end_records: Mapping[str, str] | None = None
+) -> str:
     """For jobs that left squeue: ``sacct``, then ``sacct -c`` (the completion log) where
-    accounting storage is disabled, then ``scontrol show job`` for each."""
+    accounting storage is disabled, then ``scontrol show job`` for each, then the end record
+    (at most ``MAX_END_RECORD + 1`` bytes, base64) of each job in ``end_records`` (id: path)."""
     ids = _job_list(job_ids)
     fields = ",".join(SACCT_FIELDS)
     sacct = f"sacct -X -n -P --delimiter={shlex.quote(FIELD_SEP)} -j {shlex.quote(ids)} -o {fields}"
@@ -128,6 +138,11 @@ def build_resolve_script(job_ids: Sequence[str]) -> str:
     parts.append(f'if [ "$xffl_rc" -ne 0 ]; then\n{_section("sacct-c", sacct_c)}fi\n')
     for job_id in ids.split(","):
         parts.append(_section("scontrol", f"scontrol show -o job {shlex.quote(job_id)}", job_id))
+    for job_id, path in sorted((end_records or {}).items()):
+        if job_id in ids.split(","):
+            path = shlex.quote(v.check_path(path, "end_record"))
+            read = f"test -f {path} && head -c {MAX_END_RECORD + 1} -- {path} | base64 -w 0"
+            parts.append(_section("end", read, job_id))
     return "".join(parts)
 
 
@@ -177,3 +192,61 @@ def build_submit_command(workdir: str, script_name: str) -> str:
 
 def build_cancel_command(job_id: str) -> str:
     return f"scancel {shlex.quote(v.check_job_id(job_id))}"
+
+
+@dataclass(frozen=True)
+class LoginEnvironment:
+    """What a facility's login shell needs before any Slurm command: ``preamble`` lines
+    (``module load slurm``, exports) and ``slurm_bin``, the folder of the Slurm commands.
+
+    Fixed by the config author when the DAG is built; build it with ``login_environment``.
+    """
+
+    preamble: tuple[str, ...] = ()
+    slurm_bin: str | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.preamble or self.slurm_bin)
+
+    def key(self, conn_id: str) -> str:
+        """``conn_id``, told apart from the same facility in another login environment."""
+        if not self:
+            return conn_id
+        digest = hashlib.sha256(repr((self.preamble, self.slurm_bin)).encode()).hexdigest()[:12]
+        return f"{conn_id}#login-{digest}"
+
+
+def login_environment(
+    login_preamble: Iterable[str] | None = None, slurm_bin: str | None = None
+) -> LoginEnvironment:
+    """Validates a facility's login environment: single shell lines, an absolute folder."""
+    if isinstance(login_preamble, str):
+        raise v.SlurmInputError("login_preamble", "must be a list of shell lines, got a string")
+    lines = tuple(
+        v.check_shell_line(line, f"login_preamble[{index}]")
+        for index, line in enumerate(login_preamble or ())
+    )
+    if slurm_bin is not None:
+        slurm_bin = v.check_path(slurm_bin, "slurm_bin")
+        if not slurm_bin.startswith("/") or ".." in slurm_bin.split("/"):
+            raise v.SlurmInputError(
+                "slurm_bin", f"{slurm_bin!r} must be an absolute folder without '..'"
+            )
+    return LoginEnvironment(tuple(line for line in lines if line.strip()), slurm_bin)
+
+
+def build_login_command(command: str, login: LoginEnvironment | None) -> str:
+    """``command`` after the login preamble and with ``slurm_bin`` first on the PATH.
+
+    The preamble runs in the command's shell (its exports hold for the command), its stdin
+    closed (a ``sh -s`` script on stdin is the command's) and its stdout sent to stderr (the
+    command's stdout is what we parse).
+    """
+    if not login:
+        return command
+    parts = []
+    if login.preamble:
+        parts.append("{\n" + "\n".join(login.preamble) + "\n} </dev/null >&2\n")
+    if login.slurm_bin:
+        parts.append(f'PATH={shlex.quote(login.slurm_bin)}:"$PATH"; export PATH\n')
+    return "".join(parts) + command

@@ -2,6 +2,11 @@
 
 An answer is a list of ``SlurmJob`` records, or None when the query failed (controller down,
 command missing, garbage): None means "ask again", never "the job failed".
+
+Output is split on ``"\n"`` only: the other separators ``str.splitlines`` honours (``\x1c``,
+``\x85``, U+2028, ...) may sit inside a field a user controls. A line that cannot be read (a bad
+``@@xffl`` marker, a short squeue or sacct row) is recorded in ``Output.malformed`` and skipped,
+so one bad line costs one job one answer, never the whole facility's poll.
 """
 
 from __future__ import annotations
@@ -9,8 +14,16 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
-from xffl_airflow.slurm.commands import FIELD_SEP, MARK, SACCT_FIELDS, SQUEUE_FIELDS
+from xffl_airflow.remote_text import split_lines
+from xffl_airflow.slurm.commands import (
+    FIELD_SEP,
+    MARK,
+    MAX_END_RECORD,
+    SACCT_FIELDS,
+    SQUEUE_FIELDS,
+)
 from xffl_airflow.slurm.errors import SlurmOutputError
 from xffl_airflow.slurm.states import SlurmJob, exit_code_from_wait_status, normalize_state
 
@@ -19,6 +32,22 @@ INVALID_JOB_ID = "Invalid job id specified"
 _NULLS = {"", "(null)", "N/A", "NONE", "None", "Unknown", "n/a"}
 _SBATCH_ID = re.compile(r"^([0-9]+)(?:;(\S+))?$")
 _TZ = re.compile(r"^[+-][0-9]{4}$")
+# ASCII digits only: int() also takes "+1", " 1", "1_0" and digits of other scripts.
+_INT = re.compile(r"-?[0-9]{1,19}")
+MAX_QUOTED = 200  # a malformed line is kept up to this many characters
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A line of a facility's output that could not be read, and was skipped.
+
+    :param kind: what it should have been: ``marker`` (an ``@@xffl`` line), ``log`` (a log
+        chunk's header or data), ``squeue``, ``sacct``
+    :param line: the line as received, cut to ``MAX_QUOTED`` characters (show it with repr)
+    """
+
+    kind: str
+    line: str
 
 
 @dataclass
@@ -46,6 +75,7 @@ class Output:
     tz: str | None = None
     sections: list[Section] = field(default_factory=list)
     logs: dict[str, LogChunk] = field(default_factory=dict)
+    malformed: list[Malformed] = field(default_factory=list)
 
     def section(self, name: str, arg: str | None = None) -> Section | None:
         for section in self.sections:
@@ -55,14 +85,24 @@ class Output:
 
 
 def parse_sections(data: bytes | str) -> Output:
-    """Splits the output of a script from ``commands`` into its marked parts."""
+    """Splits the output of a script from ``commands`` into its marked parts.
+
+    Never raises: a marker line that cannot be read is recorded in ``malformed`` and skipped
+    (a log chunk with a bad header or bad base64 is left out, so its reader asks again).
+    """
     if isinstance(data, str):
-        data = data.encode()
+        data = data.encode(errors="surrogateescape")
     out = Output()
     lines = data.split(b"\n")
     i = 0
     current: Section | None = None
     body: list[str] = []
+
+    def malformed(kind: str, line: str | bytes) -> None:
+        if isinstance(line, bytes):
+            line = line.decode(errors="replace")
+        out.malformed.append(Malformed(kind, line[:MAX_QUOTED]))
+
     while i < len(lines):
         raw = lines[i]
         line = raw.decode(errors="replace")
@@ -71,29 +111,48 @@ def parse_sections(data: bytes | str) -> Output:
             if current is not None:
                 body.append(line)
             continue
-        words = line.split()
-        kind = words[1] if len(words) > 1 else ""
+        words = line.split(" ")  # printf writes single spaces; split() would also cut at U+2028
+        kind = words[1]
         if kind == "tz" and len(words) == 3 and _TZ.match(words[2]):
             out.tz = words[2]
-        elif kind == "begin" and len(words) >= 3:
+        elif kind == "begin" and len(words) in (3, 4) and all(words[2:]):
             current = Section(words[2], words[3] if len(words) > 3 else None, "", None)
             body = []
         elif kind == "end" and current is not None:
             current.text = "\n".join(body).strip("\n")
-            current.rc = (
-                int(words[2]) if len(words) > 2 and words[2].lstrip("-").isdigit() else None
-            )
+            current.rc = int(words[2]) if len(words) == 3 and _INT.fullmatch(words[2]) else None
+            if current.rc is None:
+                malformed("marker", line)
             out.sections.append(current)
             current = None
-        elif kind == "log" and len(words) == 6:
+        elif kind == "log":
+            numbers = words[3:]
+            if (
+                len(words) != 6
+                or not words[2]
+                or not all(_INT.fullmatch(n) for n in numbers)
+                or int(numbers[0]) < -1
+                or int(numbers[1]) < 0
+                or int(numbers[2]) < 0
+            ):
+                malformed("log", line)
+                continue
             key, size, offset, count = words[2], int(words[3]), int(words[4]), int(words[5])
-            encoded = lines[i] if i < len(lines) else b""
+            if i >= len(lines):  # cut off before the data: no chunk, ask again
+                break
+            encoded = lines[i]
+            if encoded.startswith(MARK.encode()):  # the data line is missing: a marker follows
+                malformed("log", line)
+                continue
             i += 1
             try:
-                chunk = base64.b64decode(encoded, validate=True) if encoded else b""
+                chunk = base64.b64decode(encoded, validate=True)
             except ValueError:
-                chunk = b""
-            out.logs[key] = LogChunk(key, size, offset, chunk[:count] if count >= 0 else b"")
+                malformed("log", encoded)
+                continue
+            out.logs[key] = LogChunk(key, size, offset, chunk[:count])
+        else:
+            malformed("marker", line)
     if current is not None:  # cut off mid-section: keep what came, without an exit status
         current.text = "\n".join(body).strip("\n")
         out.sections.append(current)
@@ -107,17 +166,35 @@ def _value(text: str | None) -> str | None:
     return None if text in _NULLS else text
 
 
-def parse_squeue(text: str) -> list[SlurmJob]:
-    """Rows of ``squeue -O`` with ``commands.SQUEUE_FIELDS``, each field ended by FIELD_SEP."""
+def _short_row(
+    kind: str,
+    line: str,
+    cells: list[str],
+    fields: tuple[str, ...],
+    malformed: list[Malformed] | None,
+) -> None:
+    """A row with too few fields: recorded in ``malformed`` when given (and skipped), else raised."""
+    if malformed is None:
+        raise SlurmOutputError(
+            f"{kind} printed {len(cells)} fields, expected {len(fields)}: {line[:MAX_QUOTED]!r}"
+        )
+    malformed.append(Malformed(kind, line[:MAX_QUOTED]))
+
+
+def parse_squeue(text: str, *, malformed: list[Malformed] | None = None) -> list[SlurmJob]:
+    """Rows of ``squeue -O`` with ``commands.SQUEUE_FIELDS``, each field ended by FIELD_SEP.
+
+    A row with too few fields raises ``SlurmOutputError``, or, when ``malformed`` is given, is
+    recorded there and skipped.
+    """
     jobs = []
-    for line in text.splitlines():
+    for line in split_lines(text):
         if FIELD_SEP not in line:
             continue
         cells = line.split(FIELD_SEP)
         if len(cells) < len(SQUEUE_FIELDS):
-            raise SlurmOutputError(
-                f"squeue printed {len(cells)} fields, expected {len(SQUEUE_FIELDS)}: {line!r}"
-            )
+            _short_row("squeue", line, cells, SQUEUE_FIELDS, malformed)
+            continue
         row = dict(zip(SQUEUE_FIELDS, cells))
         jobs.append(
             SlurmJob(
@@ -144,20 +221,22 @@ def parse_squeue(text: str) -> list[SlurmJob]:
     return jobs
 
 
-def parse_sacct(text: str, *, source: str = "sacct") -> list[SlurmJob]:
+def parse_sacct(
+    text: str, *, source: str = "sacct", malformed: list[Malformed] | None = None
+) -> list[SlurmJob]:
     """Rows of ``sacct -n -P --delimiter=FIELD_SEP -o SACCT_FIELDS`` (``sacct -c`` too).
 
-    A job listed twice (requeued) keeps its last row.
+    A job listed twice (requeued) keeps its last row. A row with too few fields: as in
+    ``parse_squeue``.
     """
     by_id: dict[str, SlurmJob] = {}
-    for line in text.splitlines():
+    for line in split_lines(text):
         if FIELD_SEP not in line:
             continue
         cells = line.split(FIELD_SEP)
         if len(cells) < len(SACCT_FIELDS):
-            raise SlurmOutputError(
-                f"sacct printed {len(cells)} fields, expected {len(SACCT_FIELDS)}: {line!r}"
-            )
+            _short_row("sacct", line, cells, SACCT_FIELDS, malformed)
+            continue
         row = dict(zip(SACCT_FIELDS, cells))
         job_id = row["JobID"].strip()
         if not job_id or "." in job_id:  # steps (123.batch) when -X was not honoured
@@ -183,7 +262,7 @@ def parse_sacct(text: str, *, source: str = "sacct") -> list[SlurmJob]:
 def parse_scontrol(text: str) -> list[SlurmJob]:
     """``scontrol show -o job ID``: one line of ``Key=Value`` pairs per job (array task, het part)."""
     jobs = []
-    for line in text.splitlines():
+    for line in split_lines(text):
         if not line.startswith("JobId="):
             continue
         pairs = _key_values(line)
@@ -264,7 +343,7 @@ def _time(text: str | None) -> str | None:
 
 def parse_sbatch(stdout: str) -> tuple[str, str | None]:
     """``sbatch --parsable`` prints ``ID`` or ``ID;CLUSTER`` (possibly after warnings)."""
-    for line in reversed(stdout.strip().splitlines()):
+    for line in reversed(split_lines(stdout.strip())):
         match = _SBATCH_ID.match(line.strip())
         if match:
             return match.group(1), match.group(2)
@@ -274,30 +353,39 @@ def parse_sbatch(stdout: str) -> tuple[str, str | None]:
 def sbatch_error(stderr: str) -> str:
     """The reasons in sbatch's error output, joined: "invalid partition specified: nope;
     Batch job submission failed: Invalid partition name specified"."""
-    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    lines = [line.strip() for line in split_lines(stderr.strip()) if line.strip()]
     errors = [line.split("error:", 1)[1].strip() for line in lines if "error:" in line]
     if errors:
         return "; ".join(errors)
     return lines[-1] if lines else "no error message"
 
 
-def squeue_answer(section: Section | None) -> list[SlurmJob] | None:
-    """squeue's records, [] when it holds none of the jobs, None when the query failed."""
+def squeue_answer(
+    section: Section | None, *, malformed: list[Malformed] | None = None
+) -> list[SlurmJob] | None:
+    """squeue's records, [] when it holds none of the jobs, None when the query failed.
+
+    Without ``malformed`` one short row makes the whole answer None; with it (a poll of many
+    jobs), the row is recorded there and skipped, and the other rows count.
+    """
     if section is None or section.rc is None:
         return None
     if section.rc != 0:
         return [] if INVALID_JOB_ID in section.text else None
     try:
-        return parse_squeue(section.text)
+        return parse_squeue(section.text, malformed=malformed)
     except SlurmOutputError:
         return None
 
 
-def sacct_answer(section: Section | None, *, source: str = "sacct") -> list[SlurmJob] | None:
+def sacct_answer(
+    section: Section | None, *, source: str = "sacct", malformed: list[Malformed] | None = None
+) -> list[SlurmJob] | None:
+    """sacct's records, None when the query failed; ``malformed`` as in ``squeue_answer``."""
     if section is None or section.rc is None or section.rc != 0:
         return None
     try:
-        return parse_sacct(section.text, source=source)
+        return parse_sacct(section.text, source=source, malformed=malformed)
     except SlurmOutputError:
         return None
 
@@ -308,6 +396,62 @@ def scontrol_answer(section: Section | None) -> list[SlurmJob] | None:
     if section.rc != 0:
         return [] if INVALID_JOB_ID in section.text else None
     return parse_scontrol(section.text)
+
+
+# The end record the batch script writes (see ``script``): one line, every field present.
+_END_RECORD = re.compile(
+    rb"xffl-end 1 job=([0-9]{1,12}) rc=([0-9]{1,3}) signal=(TERM|) start=([0-9]{1,12}) "
+    rb"end=([0-9]{1,12}) limit=([0-9]{0,12})\n?"
+)
+# A TERM this close to the time limit (or later) is the limit's, not a scancel's.
+TIME_LIMIT_SLACK = 10
+
+
+def parse_end_record(data: bytes, *, job_id: str, tz: str | None = None) -> SlurmJob | None:
+    """The job's end from its end record; None when the record is not one (too long, any
+    deviation from the format, another job's, times out of order): never a guess.
+
+    Exit 0 is COMPLETED; another exit status FAILED with that code; a TERM is TIMEOUT when it
+    came at the time limit, CANCELLED otherwise (both with exit code ``0:15``).
+    """
+    if not isinstance(data, bytes) or len(data) > MAX_END_RECORD:
+        return None
+    match = _END_RECORD.fullmatch(data)
+    if match is None:
+        return None
+    job, rc, signal, start, end, limit = (g.decode("ascii") for g in match.groups())
+    if int(rc) > 255 or int(start) > int(end) or (job_id.isdigit() and job != job_id):
+        return None
+    if signal:
+        timed_out = bool(limit) and int(end) - int(start) >= int(limit) - TIME_LIMIT_SLACK
+        state, exit_code = ("TIMEOUT" if timed_out else "CANCELLED"), "0:15"
+        reason = "TimeLimit" if timed_out else None
+    else:
+        state = "COMPLETED" if rc == "0" else "FAILED"
+        exit_code, reason = f"{int(rc)}:0", None if rc == "0" else "NonZeroExitCode"
+    return SlurmJob(job_id=job_id, state=state, exit_code=exit_code, reason=reason,
+                    start_time=_epoch_time(int(start), tz), end_time=_epoch_time(int(end), tz),
+                    source="end-record", raw_id=job)  # fmt: skip
+
+
+def end_record_answer(section: Section | None, *, job_id: str, tz: str | None) -> SlurmJob | None:
+    """The job from the ``end`` section (base64 of the record); None when absent or unreadable."""
+    if section is None or section.rc != 0:
+        return None
+    try:
+        data = base64.b64decode(section.text.strip(), validate=True)
+    except ValueError:
+        return None
+    return parse_end_record(data, job_id=job_id, tz=tz)
+
+
+def _epoch_time(seconds: int, tz: str | None) -> str | None:
+    """Epoch seconds as Slurm prints times: facility local (``tz``; UTC when unknown)."""
+    try:
+        zone = timezone(timedelta(seconds=tz_offset_seconds(tz) or 0))
+        return datetime.fromtimestamp(seconds, zone).strftime("%Y-%m-%dT%H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def tz_offset_seconds(tz: str | None) -> int | None:

@@ -2,7 +2,9 @@
 and the remote half of path confinement (symlinks resolved by the server's ``realpath``).
 
 Errors leave here in two kinds only: ``TransferError`` (naming the facility and path) for what
-another attempt cannot fix, ``RetryableFailure`` when the link went away.
+another attempt cannot fix, ``RetryableFailure`` when the link went away. Remote commands are
+framed against the login shell's own output (``remote_exec``); an SFTP subsystem that the shell's
+output breaks is reported as such, once, without retries.
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from xffl_airflow.transfer.connection import open_connection
 from xffl_airflow.transfer.errors import RetryableFailure, TransferError
 from xffl_airflow.transfer.facility import RemoteFacility, is_within
 from xffl_airflow.transfer.options import TransferOptions
+from xffl_airflow.transfer.remote_exec import (
+    FramedCommand,
+    noisy_sftp_message,
+    read_result,
+    timeout_message,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +84,13 @@ class FacilitySession:
                 *(conn.start_sftp_client() for _ in range(options.channels))
             )
             real_workdir = await channels[0].realpath(facility.workdir)
+        except asyncssh.SFTPBadMessage as error:
+            # what a login shell printing on stdout does to an sftp-server started through it
+            noise = await shell_stdout(conn, options)
+            conn.close()
+            if noise:
+                raise TransferError(facility.name, noisy_sftp_message(noise, error)) from None
+            raise RetryableFailure(f"cannot start SFTP: {type(error).__name__}: {error}") from None
         except asyncssh.SFTPNoSuchFile:
             conn.close()
             raise TransferError(
@@ -87,11 +102,10 @@ class FacilitySession:
         return cls(facility, conn, list(channels), options, real_workdir)
 
     async def _probe_tools(self) -> commands.HashTools:
-        with self.translate("probe hashing tools on", self.facility.workdir):
-            result = await self.conn.run(
-                commands.PROBE, check=False, timeout=self.options.command_timeout
-            )
-        tools = commands.parse_probe(str(result.stdout or ""))
+        output = await self.run(
+            commands.PROBE, action="probe hashing tools on", path=self.facility.workdir, check=False
+        )
+        tools = commands.parse_probe(output)
         log.debug("facility %s: hashing with %s", self.facility.name, tools)
         return tools
 
@@ -134,32 +148,22 @@ class FacilitySession:
 
     # remote commands
 
-    async def run(self, command: str, *, action: str, path: str) -> str:
-        """Runs a shell command on the facility and returns its stdout; fails naming ``path``."""
+    async def run(self, command: str, *, action: str, path: str, check: bool = True) -> str:
+        """Runs a shell command on the facility (framed against the login shell's output) and
+        returns its own stdout; fails naming ``path`` (with ``check``, on a non-zero exit)."""
+        framed = FramedCommand(command)
+        limit = self.options.command_timeout
         with self.translate(action, path):
             try:
-                result = await self.conn.run(
-                    command, check=False, timeout=self.options.command_timeout
-                )
-            except asyncssh.TimeoutError as error:
+                result = await self.conn.run(framed.text, check=False, timeout=limit, encoding=None)
+            except asyncssh.TimeoutError:
                 raise RetryableFailure(
-                    f"{action} {path} took over {self.options.command_timeout} s"
-                ) from error
-        if result.exit_status != 0:
-            stderr = str(result.stderr or "").strip()[-500:]
-            status = (
-                result.exit_status
-                if result.exit_status is not None
-                else f"signal {result.exit_signal}"
-            )
-            if result.exit_status is None and not stderr:
-                raise RetryableFailure(
-                    f"{action} {path}: remote command ended without status ({status})"
-                )
-            raise TransferError(
-                self.facility.name, f"cannot {action} {path} (exit {status}): {stderr}", path=path
-            )
-        return str(result.stdout or "")
+                    timeout_message(self.facility.name, command, limit)
+                ) from None
+        return read_result(
+            self.facility.name, framed, result.stdout, result.stderr, result.exit_status,
+            result.exit_signal, action=action, path=path, check=check,
+        )  # fmt: skip
 
     async def sha256(self, path: str) -> str:
         tools = await self.hash_tools()
@@ -286,6 +290,23 @@ class FacilitySession:
         return vfs.bavail * vfs.frsize
 
 
+async def shell_stdout(conn: asyncssh.SSHClientConnection, options: TransferOptions) -> bytes:
+    """What the login shell prints on stdout around ``true`` (which prints nothing itself): the
+    bytes that an SFTP server started through that shell would find in front of its replies."""
+    try:
+        result = await conn.run(
+            "true",
+            check=False,
+            timeout=min(options.command_timeout, 60),
+            encoding=None,
+            stdin=asyncssh.DEVNULL,
+        )
+    except (*LINK_ERRORS, asyncssh.Error) as error:
+        log.debug("cannot run `true` to look for shell output: %s: %s", type(error).__name__, error)
+        return b""
+    return bytes(result.stdout or b"")
+
+
 async def close_quietly(handles: list[asyncssh.SFTPClientFile]) -> None:
     """Closes remote file handles; when the link is gone they went with it, so errors are moot."""
     for handle in handles:
@@ -307,14 +328,16 @@ class GrowingHash:
         self._path = path
         self._latest: int | None = None
         self._process: asyncssh.SSHClientProcess | None = None
+        self._command: FramedCommand | None = None
         self._starting = asyncio.ensure_future(self._start())
 
     async def _start(self) -> asyncssh.SSHClientProcess | None:
         if not (await self._session.hash_tools()).python3:
             return None
+        self._command = FramedCommand(commands.build_growing_hash(self._path))
         with self._session.translate("hash", self._path):
             self._process = await self._session.conn.create_process(
-                commands.build_growing_hash(self._path)
+                self._command.text, encoding=None
             )
         if self._latest is not None:
             self.advance(self._latest)
@@ -324,7 +347,7 @@ class GrowingHash:
         """The file is complete up to ``offset``."""
         self._latest = offset
         if self._process is not None and not self._process.stdin.is_closing():
-            self._process.stdin.write(f"{offset}\n")
+            self._process.stdin.write(f"{offset}\n".encode())
 
     async def finish(self, size: int) -> str:
         """The sha256 of the file, which has ``size`` bytes and is complete."""
@@ -332,28 +355,29 @@ class GrowingHash:
         process = await self._starting
         if process is None:
             return await session.sha256(path)
+        limit = session.options.command_timeout
+        assert self._command is not None
         with session.translate("hash", path):
-            process.stdin.write(f"{size}\n")
+            process.stdin.write(f"{size}\n".encode())
             process.stdin.write_eof()
             try:
-                result = await process.wait(timeout=session.options.command_timeout)
-            except asyncssh.TimeoutError as error:
+                result = await process.wait(timeout=limit)
+            except asyncssh.TimeoutError:
                 raise RetryableFailure(
-                    f"hashing {path} took over {session.options.command_timeout} s"
-                ) from error
+                    timeout_message(
+                        session.facility.name, f"python3 -c <sha256 as it grows> {path}", limit
+                    )
+                ) from None
         if result.exit_status is None:
             raise RetryableFailure(
                 f"the hasher of {path} ended without status (signal {result.exit_signal})"
             )
-        if result.exit_status != 0:
-            stderr = str(result.stderr or "").strip()[-500:]
-            raise TransferError(
-                session.facility.name,
-                f"cannot hash {path} (exit {result.exit_status}): {stderr}",
-                path=path,
-            )
+        output = read_result(
+            session.facility.name, self._command, result.stdout, result.stderr,
+            result.exit_status, result.exit_signal, action="hash", path=path,
+        )  # fmt: skip
         try:
-            return commands.parse_growing_hash(str(result.stdout or ""), size, path)
+            return commands.parse_growing_hash(output, size, path)
         except ValueError as error:
             raise TransferError(session.facility.name, str(error), path=path) from None
 

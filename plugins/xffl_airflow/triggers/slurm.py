@@ -19,7 +19,9 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from xffl_airflow.hooks.slurm import SlurmHook
 from xffl_airflow.hooks.slurm_poller import JobUpdate, poller_for
 from xffl_airflow.slurm import validation as v
+from xffl_airflow.slurm.commands import login_environment
 from xffl_airflow.slurm.report import job_report
+from xffl_airflow.slurm.script import end_record_path
 from xffl_airflow.slurm.states import Phase, SlurmJob
 
 # A job no source knows for this long is reported as an error (never as failed).
@@ -46,6 +48,8 @@ class SlurmJobTrigger(BaseTrigger):
     :param cancel_on_kill: ``scancel`` the job when a user kills the deferred task.
     :param lost_after: seconds a job may stay unknown to squeue, sacct and scontrol before the
         trigger reports an error.
+    :param login_preamble: shell lines run before every Slurm command at the facility.
+    :param slurm_bin: the absolute folder of the facility's Slurm commands.
     """
 
     def __init__(
@@ -61,6 +65,8 @@ class SlurmJobTrigger(BaseTrigger):
         timeout_at: str | None = None,
         cancel_on_kill: bool = False,
         lost_after: float = DEFAULT_LOST_AFTER,
+        login_preamble: list[str] | None = None,
+        slurm_bin: str | None = None,
     ):
         super().__init__()
         self.ssh_conn_id = ssh_conn_id
@@ -75,6 +81,9 @@ class SlurmJobTrigger(BaseTrigger):
         self.timeout_at = timeout_at
         self.cancel_on_kill = bool(cancel_on_kill)
         self.lost_after = float(lost_after)
+        self._login = login_environment(login_preamble, slurm_bin)
+        self.login_preamble = list(self._login.preamble)
+        self.slurm_bin = self._login.slurm_bin
         self._deadline = _monotonic_deadline(timeout_at)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -91,6 +100,8 @@ class SlurmJobTrigger(BaseTrigger):
                 "timeout_at": self.timeout_at,
                 "cancel_on_kill": self.cancel_on_kill,
                 "lost_after": self.lost_after,
+                "login_preamble": self.login_preamble,
+                "slurm_bin": self.slurm_bin,
             },
         )
 
@@ -105,11 +116,12 @@ class SlurmJobTrigger(BaseTrigger):
         yield TriggerEvent(event)
 
     async def _wait_for_end(self) -> dict[str, Any]:
-        poller = poller_for(self.ssh_conn_id)
+        poller = poller_for(self.ssh_conn_id, login=self._login)
         last: JobUpdate = JobUpdate(log_offset=self.log_offset)
         shown_state: tuple[str, str | None] | None = None
         lost_since: float | None = None
         problems = 0
+        accounting: str | None = None  # why sacct could not tell; said once in the task log
         async with poller.watch(self.job_id, log_path=self.log_path, log_offset=self.log_offset,
                                 poll_interval=self.poll_interval, follow_log=self.follow_log,
                                 tail_lines=self.log_tail_lines) as watch:  # fmt: skip
@@ -151,6 +163,9 @@ class SlurmJobTrigger(BaseTrigger):
                     problems = 0
                 update.job = update.job or last.job
                 last = update
+                if update.accounting and accounting is None:
+                    accounting = update.accounting
+                    self.log.warning(_accounting_warning(self.job_id, accounting, self.log_path))
                 if update.job is not None and (update.job.state, update.job.reason) != shown_state:
                     shown_state = (update.job.state, update.job.reason)
                     self.log.info(
@@ -171,8 +186,10 @@ class SlurmJobTrigger(BaseTrigger):
                     if time.monotonic() - lost_since >= self.lost_after:
                         return self._event(
                             "error",
-                            f"job {self.job_id} has been unknown to squeue, sacct and scontrol for "
-                            f"{self.lost_after:.0f} s: it may have been purged",
+                            _vanished(self.job_id, self.lost_after, accounting, self.log_path)
+                            if update.vanished
+                            else f"job {self.job_id} has been unknown to squeue, sacct and "
+                            f"scontrol for {self.lost_after:.0f} s: it may have been purged",
                             update,
                         )
                 else:
@@ -198,7 +215,8 @@ class SlurmJobTrigger(BaseTrigger):
         if not self.cancel_on_kill:
             return
         self.log.info("Cancelling Slurm job %s on %s", self.job_id, self.ssh_conn_id)
-        async with SlurmHook(ssh_conn_id=self.ssh_conn_id) as hook:
+        async with SlurmHook(ssh_conn_id=self.ssh_conn_id, login_preamble=self.login_preamble,
+                             slurm_bin=self.slurm_bin) as hook:  # fmt: skip
             async with asyncio.timeout(CANCEL_TIMEOUT):
                 await hook.acancel(self.job_id)
 
@@ -210,7 +228,36 @@ def _ended(job: SlurmJob, conn_id: str) -> str:
         f"reason {job.reason}" if job.reason else None,
     ]
     details = [d for d in details if d]
+    if job.source == "end-record":
+        details.append("as its end record says: Slurm had forgotten it")
     return text + (f" ({', '.join(details)})" if details else "")
+
+
+# What to do when Slurm forgets jobs: said in the task log, and in the error of a vanished job.
+_FIX = (
+    "to let Slurm remember how jobs end, the site can run slurmdbd "
+    "(AccountingStorageType=accounting_storage/slurmdbd), or a job completion log users can "
+    "read with `sacct -c` (JobCompType=jobcomp/filetxt), or keep ended jobs longer (MinJobAge)"
+)
+
+
+def _accounting_warning(job_id: str, accounting: str, log_path: str | None) -> str:
+    record = end_record_path(log_path)
+    return (
+        f"Slurm job {job_id} left squeue, and the facility's accounting cannot tell how it "
+        f"ended ({accounting}); reading the end record the job wrote "
+        f"({record or 'none: the log path is unknown'}) instead. {_FIX[0].upper()}{_FIX[1:]}."
+    )
+
+
+def _vanished(job_id: str, waited: float, accounting: str | None, log_path: str | None) -> str:
+    return (
+        f"how job {job_id} ended cannot be learned: it left squeue and scontrol (past the "
+        f"cluster's MinJobAge), accounting could not be asked "
+        f"({accounting or 'sacct failed'}), and it left no readable end record at "
+        f"{end_record_path(log_path) or '(unknown log path)'} in {waited:.0f} s (killed before "
+        f"it could write one, or the folder is not visible from the login node); {_FIX}"
+    )
 
 
 def _monotonic_deadline(timeout_at: str | None) -> float | None:
