@@ -20,10 +20,11 @@ FACILITY_VENV ?= $(shell if runuser -u nobody -- test -r "$(CURDIR)/pyproject.to
 FACILITY_BASE_PYTHON ?= /usr/bin/python3
 PYTEST_ARGS ?=
 KEEP ?=
-# Packages the local facilities (and the PostgreSQL tests) need from Debian.
+# Packages the local facilities (and the PostgreSQL tests, and the headless-browser test of the
+# campaign view: chromium and its chromedriver) need from Debian.
 SYSTEM_PACKAGES_STAMP := $(VENV)/.system-packages
 export XFFL_FACILITY_PYTHON := $(FACILITY_VENV)/bin/python
-export XFFL_EXTRA_SYSTEM_PACKAGES ?= postgresql
+export XFFL_EXTRA_SYSTEM_PACKAGES ?= postgresql chromium chromium-driver
 # pip's "Location ... is ignored" notes about local mirrors are noise.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither" >&2)
 
@@ -44,7 +45,7 @@ setup: system-packages $(VENV)/.installed $(FACILITY_VENV)/.installed
 
 system-packages: $(SYSTEM_PACKAGES_STAMP)
 
-$(SYSTEM_PACKAGES_STAMP): docker/facility/install-packages.sh
+$(SYSTEM_PACKAGES_STAMP): docker/facility/install-packages.sh Makefile
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "xffl-airflow needs Python >= 3.11; set PYTHON=python3.11")'
 	@docker/facility/install-packages.sh
 	@mkdir -p $(VENV) && touch $@

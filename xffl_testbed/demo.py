@@ -91,6 +91,7 @@ def main() -> int:
         say(f"{len(campaign_runs(airflow, DAG_ID, CAMPAIGN))} rounds; plot: {campaign_dir / 'report.png'}")
         say(f"manifests: {campaign_dir}/round-*/manifest.json; global models: {campaign_dir}/round-*/global/")
         say(f"UI: {airflow.base_url} (login {airflow.username} / {airflow.password}), DAG {DAG_ID}")
+        say(f"campaign view: {airflow.base_url}/dags/{DAG_ID}/plugin/xffl-campaign (the DAG's Campaign tab)")
         status = 0 if verify.returncode == 0 else 1
         if keep:
             say("XFFL_DEMO_KEEP is set: Airflow and the facilities keep running; Ctrl-C stops them")

@@ -1,0 +1,1 @@
+"""The campaign view: per-round results of a federated campaign inside the Airflow UI."""

@@ -1,0 +1,183 @@
+"""The campaign view in a real browser: headless Chromium (Debian's chromium and
+chromium-driver, driven by Selenium; nothing downloaded) logs into the session's real
+api-server, opens the federation DAG, follows its "Campaign" tab to the view of a finished
+2-round campaign run on the local facilities, and checks what a person would see.
+
+Starts: the session's ``testbed`` and ``airflow_instance`` (see tests/conftest.py); restarts
+that instance's api-server once with ``XFFL_FEDERATION_CONFIG`` naming this test's config (the
+view only reads the storage of configs the deployment names); one chromium, quit at the end.
+Screenshots are saved in the test's temporary folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.plugins.xffl_airflow.federation.campaign_support import run_campaign
+from tests.plugins.xffl_airflow.federation.conftest import corpora, storage, tiny  # noqa: F401
+from xffl_testbed.campaign import wait_for_campaign
+
+pytestmark = [pytest.mark.slurm, pytest.mark.airflow_live, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CAMPAIGN = "viewed"
+
+
+@pytest.fixture
+def browser(monkeypatch):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not Path(path).exists():
+            pytest.fail(f"{path} is missing: `make setup` installs Debian's chromium and chromium-driver")
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not fetch anything
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1100"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.implicitly_wait(0)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def restart_api_server_with_config(airflow, config: Path) -> None:
+    """The api-server reads XFFL_FEDERATION_CONFIG; the session's started without one."""
+    saved = dict(airflow.env)
+    airflow.env["XFFL_FEDERATION_CONFIG"] = str(config)
+    try:
+        airflow.stop_component("api-server")
+        airflow.start_component("api-server")
+        airflow.wait_until_healthy(timeout=180)
+    finally:
+        airflow.env.clear()
+        airflow.env.update(saved)  # components started later get the session's environment
+
+
+def login(driver, wait, airflow) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    driver.get(airflow.base_url + "/")
+    wait.until(ec.presence_of_element_located((By.NAME, "username"))).send_keys(airflow.username)
+    driver.find_element(By.NAME, "password").send_keys(airflow.password)
+    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait.until(lambda d: "/auth/login" not in d.current_url and d.get_cookie("_token"))
+
+
+def open_tab_frame(driver, wait, page_url: str, route: str):
+    """Opens an Airflow UI page, clicks the plugin tab ``route`` and enters its iframe."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+
+    driver.get(page_url)
+    tab = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, f"a[href$='plugin/{route}']")))
+    tab.click()
+    wait.until(ec.frame_to_be_available_and_switch_to_it((By.CSS_SELECTOR, "iframe")))
+    wait.until(ec.presence_of_element_located((By.ID, "verification")))
+
+
+def cell(driver, round_number: int, facility: str, column: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(
+        By.CSS_SELECTOR, f"#facilities tr[data-round='{round_number}'][data-facility='{facility}'] td[data-col='{column}']"
+    ).text
+
+
+def test_a_person_reads_a_finished_campaign_in_the_ui(
+    airflow_instance, testbed, corpora, tiny, storage, browser, tmp_path  # noqa: F811
+):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    airflow = airflow_instance
+    restart_api_server_with_config(airflow, storage / f"{CAMPAIGN}.yaml")  # written just below
+    dag_id = run_campaign(
+        airflow, testbed, corpora, tiny, storage, campaign=CAMPAIGN,
+        convergence={"max_rounds": 2}, training={"max_steps": 8, "learning_rate": 0.003, "threads": 1, "seed": 0},
+    )  # fmt: skip
+    runs = wait_for_campaign(airflow, dag_id, CAMPAIGN, storage / CAMPAIGN, timeout=900)
+    assert [r["state"] for r in runs] == ["success", "success"], runs
+    folder = storage / CAMPAIGN
+    manifests = [json.loads((folder / f"round-{n:04d}" / "manifest.json").read_text()) for n in range(2)]
+
+    # nobody logged in gets nothing; a token of Airflow's own gets the page; no path escapes storage
+    view = f"{airflow.base_url}/xffl/dags/{dag_id}/campaign"
+    assert httpx.get(view, timeout=30).status_code == 401
+    assert httpx.get(view, headers={"Authorization": "Bearer not-a-token"}, timeout=30).status_code in (401, 403)
+    bearer = {"Authorization": f"Bearer {airflow.token()}"}
+    assert httpx.get(view, headers=bearer, timeout=30).status_code == 200
+    for bad in ("..%2F..%2Fetc", "%2Fetc", "Viewed", "nosuch"):
+        answer = httpx.get(f"{airflow.base_url}/xffl/dags/{dag_id}/campaigns/{bad}", headers=bearer, timeout=30)
+        assert answer.status_code == 404, (bad, answer.status_code)
+    assert httpx.get(f"{airflow.base_url}/xffl/dags/xffl_nosuch/campaign", headers=bearer, timeout=30).status_code in (403, 404)
+
+    wait = WebDriverWait(browser, 60)
+    login(browser, wait, airflow)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+
+    # the DAG's page -> its "Campaign" tab
+    open_tab_frame(browser, wait, f"{airflow.base_url}/dags/{dag_id}", "xffl-campaign")
+    assert browser.find_element(By.ID, "campaign").text == CAMPAIGN
+    assert browser.find_element(By.ID, "verification").text.startswith("OK manifest chain: 2 round(s)")
+    for manifest in manifests:
+        number = manifest["round"]
+        for name, facility in manifest["facilities"].items():
+            metrics, job = facility["metrics"], facility["job"]
+            assert cell(browser, number, name, "status") == facility["status"] == "ok"
+            assert cell(browser, number, name, "loss_before") == f"{metrics['val_loss_before']:.4f}"
+            assert cell(browser, number, name, "loss_after") == f"{metrics['val_loss_after']:.4f}"
+            assert cell(browser, number, name, "samples") == str(metrics["num_samples"])
+            assert cell(browser, number, name, "weight") == f"{facility['weight']:.3f}"
+            assert cell(browser, number, name, "queue_s") == f"{job['queue_wait_s']:.1f}"
+            assert cell(browser, number, name, "run_s") == f"{job['run_s']:.1f}"
+            assert cell(browser, number, name, "push_s") == f"{facility['push']['seconds']:.2f}"
+            assert cell(browser, number, name, "pull_s") == f"{facility['pull']['seconds']:.2f}"
+        assert cell(browser, number, "(global)", "loss_before") == f"{manifest['weighted_val_loss']:.4f}"
+        assert cell(browser, number, "(global)", "aggregation_s") == f"{manifest['aggregation']['seconds']:.2f}"
+        decision = browser.find_element(By.CSS_SELECTOR, f"#rounds tr[data-round='{number}'] td[data-col='decision']")
+        assert decision.text.startswith("stop" if manifest["decision"]["stop"] else "continue")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#facilities tbody tr")) == 2 * 3
+    for chart in ("loss-chart", "timing-chart"):
+        svg = browser.find_element(By.ID, chart)
+        assert svg.size["width"] > 100 and svg.size["height"] > 100
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#loss-chart polyline.series")) == 3
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#timing-chart rect.bar")) >= 2 * 3
+    browser.switch_to.default_content()
+    browser.save_screenshot(str(shots / "dag-campaign-tab.png"))
+
+    # a round's run page -> its "Campaign round" tab marks that round
+    open_tab_frame(browser, wait, f"{airflow.base_url}/dags/{dag_id}/runs/{runs[1]['dag_run_id']}", "xffl-campaign-round")
+    marked = browser.find_elements(By.CSS_SELECTOR, "#facilities tr.highlight")
+    assert marked and {row.get_attribute("data-round") for row in marked} == {"1"}
+    browser.switch_to.default_content()
+    browser.save_screenshot(str(shots / "run-campaign-tab.png"))
+
+    # one byte of an old manifest changed: the view reads FAIL and names the broken link
+    older = folder / "round-0000" / "manifest.json"
+    data = bytearray(older.read_bytes())
+    data[10] ^= 0x20
+    older.write_bytes(bytes(data))
+    open_tab_frame(browser, wait, f"{airflow.base_url}/dags/{dag_id}", "xffl-campaign")
+    verdict = browser.find_element(By.ID, "verification").text
+    problems = browser.find_element(By.ID, "verification-problems").text
+    assert verdict.startswith("FAIL manifest chain"), verdict
+    assert "round-0001/manifest.json" in problems and "round-0000/manifest.json" in problems, problems
+    browser.switch_to.default_content()
+    browser.save_screenshot(str(shots / "dag-campaign-tab-tampered.png"))
+    kept = os.environ.get("XFFL_SCREENSHOTS")  # where CI keeps them, when it asks
+    if kept:
+        shutil.copytree(shots, Path(kept) / "campaign-view", dirs_exist_ok=True)
+    assert all(p.stat().st_size > 5000 for p in shots.iterdir())
