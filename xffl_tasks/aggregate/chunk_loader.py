@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 
 import torch
@@ -44,13 +45,37 @@ class ChunkTask:
     reads: tuple[Read, ...]
 
 
-class LoadedChunk:
-    """A chunk's bytes, per source; valid until handed back with ``ChunkLoader.release``."""
+#: Alignment of each source's buffer within a slot's block.
+ALIGN = 64
 
-    def __init__(self, task: ChunkTask, slot: list[bytearray], index: int):
+
+class Slot:
+    """One block of memory holding a chunk's buffer for each source, one after the other."""
+
+    def __init__(self, sizes: Sequence[int]):
+        self.offsets = []
+        end = 0
+        for size in sizes:
+            self.offsets.append(end)
+            end += -(-size // ALIGN) * ALIGN
+        self.block = bytearray(max(end, 1))
+        view = memoryview(self.block)
+        self.buffers = [view[o : o + size] for o, size in zip(self.offsets, sizes)]
+
+
+class LoadedChunk:
+    """A chunk's bytes, per source; valid until handed back with ``ChunkLoader.release``.
+
+    ``hashing`` holds the futures of the hash lanes still reading the slot's buffers (inputs,
+    and outputs written from the slot): the slot is reused only once they are done.
+    """
+
+    def __init__(self, task: ChunkTask, slot: Slot, index: int):
         self.task = task
-        self.slot = slot
+        self.block = slot
+        self.slot = slot.buffers
         self.index = index
+        self.hashing: list[Future] = []
 
     def raw(self, source: int) -> memoryview:
         return memoryview(self.slot[source])[: self.task.reads[source].nbytes]
@@ -79,15 +104,15 @@ class ChunkLoader:
 
     def __init__(self, *, tasks: Iterable[ChunkTask], slot_bytes: Sequence[int], slots: int = 3):
         self._tasks = tasks
-        self._free: queue.Queue[tuple[int, list[bytearray]]] = queue.Queue()
+        self._free: queue.Queue[tuple[int, Slot]] = queue.Queue()
         for index in range(slots):
-            self._free.put((index, [bytearray(size) for size in slot_bytes]))
+            self._free.put((index, Slot(slot_bytes)))
         self._ready: queue.Queue[object] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="aggregate-reader", daemon=True)
         self._started = False
 
-    def _take_slot(self) -> tuple[int, list[bytearray]] | None:
+    def _take_slot(self) -> tuple[int, Slot] | None:
         while not self._stop.is_set():
             try:
                 return self._free.get(timeout=0.1)
@@ -102,13 +127,16 @@ class ChunkLoader:
                 if taken is None:
                     return
                 index, slot = taken
-                for read, buffer in zip(task.reads, slot):
+                chunk = LoadedChunk(task, slot, index)
+                for read, buffer in zip(task.reads, slot.buffers):
                     if read.file is None:
                         torch.frombuffer(buffer, dtype=torch.uint8, count=read.nbytes).zero_()
                     else:
                         what = f"tensor {task.tensor.name!r}"
-                        read.file.read_into(read.offset, memoryview(buffer)[: read.nbytes], what)
-                self._ready.put(LoadedChunk(task, slot, index))
+                        hashing = read.file.read_into(read.offset, buffer[: read.nbytes], what)
+                        if hashing is not None:
+                            chunk.hashing.append(hashing)
+                self._ready.put(chunk)
             self._ready.put(_END)
         except BaseException as error:  # noqa: BLE001 (handed to the consumer, raised there)
             self._ready.put(_Failure(error))
@@ -126,7 +154,10 @@ class ChunkLoader:
             yield item
 
     def release(self, chunk: LoadedChunk) -> None:
-        self._free.put((chunk.index, chunk.slot))
+        """Hands the chunk's slot back, once the hash lanes reading it are done."""
+        wait(chunk.hashing)
+        chunk.hashing.clear()
+        self._free.put((chunk.index, chunk.block))
 
     def close(self) -> None:
         """Stops the reader (if still running) and waits for it."""

@@ -24,10 +24,12 @@ from xffl_tasks.aggregate.arithmetic import (
     ChunkResult,
     UpdateStatistics,
     element_index,
+    fused_kernel,
 )
 from xffl_tasks.aggregate.chunk_loader import ChunkLoader, ChunkTask, LoadedChunk, Read
 from xffl_tasks.aggregate.errors import AggregationError
 from xffl_tasks.aggregate.files import InputFile, OutputFile
+from xffl_tasks.aggregate.input_hashes import HashBook
 from xffl_tasks.aggregate.model_folder import ModelFolder, TensorLocation
 from xffl_tasks.aggregate.safetensors_format import SafetensorsHeader
 from xffl_tasks.aggregate.server_state import (
@@ -43,13 +45,16 @@ from xffl_tasks.aggregate.writeback import WriteBack
 #: Bytes of buffers the pass may use; the chunk size follows from it.
 DEFAULT_MEMORY_BUDGET = 160 << 20
 MIN_CHUNK_ELEMENTS = 1 << 12
+#: The torch arithmetic works in float32 copies that should stay in the caches; the fused
+#: kernels read the slot once, and bigger chunks only cut the per-chunk overhead.
 MAX_CHUNK_ELEMENTS = 1 << 18
+MAX_FUSED_CHUNK_ELEMENTS = 1 << 20
 #: Threads doing the arithmetic, each on a chunk of its own.
 COMPUTE_THREADS = 2
 #: Chunks whose buffers circulate: one being read, one waiting, the ones being computed.
 SLOTS = COMPUTE_THREADS + 2
 #: Threads hashing the files read out of order, a file at a time.
-HASH_THREADS = 1
+HASH_THREADS = 2
 
 
 def choose_chunk_elements(
@@ -59,15 +64,20 @@ def choose_chunk_elements(
     itemsize: int,
     scratch_per_client: int = 0,
     budget: int = DEFAULT_MEMORY_BUDGET,
+    fused: bool = False,
 ) -> int:
     """Elements per chunk so that every buffer of the pass fits in ``budget`` bytes.
 
     Per element and per slot: the bytes read for the previous model, each client
     (``itemsize``) and each state; float32 working copies of the previous model and each
-    client's update, the strategy's scratch, the change, the new states and the output.
+    client's update, the strategy's scratch, the change, the new states and the output. The
+    fused kernels (``fused``) need only the output beside the reads.
     """
     compute = 4 if itemsize <= 4 else 8
     reads = (1 + clients) * itemsize + states * compute
+    if fused:
+        per_element = SLOTS * (reads + itemsize)
+        return max(MIN_CHUNK_ELEMENTS, min(MAX_FUSED_CHUNK_ELEMENTS, budget // per_element))
     work = (1 + clients * (1 + scratch_per_client) + 3 + 2 * states) * compute + itemsize
     per_element = SLOTS * (reads + work)
     return max(MIN_CHUNK_ELEMENTS, min(MAX_CHUNK_ELEMENTS, budget // per_element))
@@ -117,6 +127,8 @@ class StreamOutcome:
     statistics: UpdateStatistics
     #: Per folder (previous first, then the clients): its weight files' sha256, by name.
     input_hashes: list[dict[str, str]]
+    #: Per folder likewise: where each hash came from, ``given`` or ``computed``.
+    hash_sources: list[dict[str, str]]
     #: The files written (weights and server state): sha256 by relative name.
     output_hashes: dict[str, str]
     bytes_read: int
@@ -137,14 +149,32 @@ def files_read_in_order(locations: Iterable[TensorLocation]) -> set[str]:
     return files - out_of_order
 
 
-class _Inputs:
-    """The input files, each opened once per folder, hashed on the fly or by the hasher thread."""
+class _Lanes:
+    """A thread per file hashing it in order: the files' hashes run side by side, on every core."""
 
     def __init__(self) -> None:
+        self.executors: list[ThreadPoolExecutor] = []
+
+    def new(self) -> ThreadPoolExecutor:
+        self.executors.append(ThreadPoolExecutor(1, thread_name_prefix="aggregate-hash-lane"))
+        return self.executors[-1]
+
+    def close(self) -> None:
+        for executor in self.executors:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+class _Inputs:
+    """The input files, each opened once per folder: a hash given (and still valid), or hashed
+    on the fly by a lane of its own, or, read out of order, by the hasher threads."""
+
+    def __init__(self, given: HashBook | None = None) -> None:
         self.files: dict[tuple[int, Path], InputFile] = {}
         self.names: dict[tuple[int, Path], str] = {}
         self.stop = threading.Event()
         self.hasher = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="aggregate-hash")
+        self.lanes = _Lanes()
+        self.given = given
 
     def open(self, folder: int, label: str, locations: Sequence[TensorLocation]) -> None:
         """Opens the files of ``locations``: folder ``folder``'s tensors, in processing order."""
@@ -157,6 +187,8 @@ class _Inputs:
                 hash_inline=shard.file in in_order,
                 hasher=self.hasher,
                 stop=self.stop,
+                lane=self.lanes.new() if shard.file in in_order else None,
+                given=self.given,
             )
             self.names[folder, shard.path] = shard.file
 
@@ -165,16 +197,19 @@ class _Inputs:
         file = self.files[folder, location.shard.path]
         return Read(file, location.offset + first * dtype.itemsize, dtype, count)
 
-    def hashes(self, folders: int) -> list[dict[str, str]]:
-        """Per folder, the sha256 of each file by its name in the folder."""
+    def hashes(self, folders: int) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+        """Per folder, the sha256 of each file by its name in the folder, and its source."""
         hashes: list[dict[str, str]] = [{} for _ in range(folders)]
+        sources: list[dict[str, str]] = [{} for _ in range(folders)]
         for key, file in self.files.items():
             hashes[key[0]][self.names[key]] = file.sha256()
-        return hashes
+            sources[key[0]][self.names[key]] = file.hash_source
+        return hashes, sources
 
     def close(self) -> None:
         self.stop.set()
         self.hasher.shutdown(wait=True, cancel_futures=True)
+        self.lanes.close()
         for file in self.files.values():
             file.close()
 
@@ -184,6 +219,7 @@ class _Outputs:
 
     def __init__(self, stage: Path, previous: ModelFolder, strategy: Strategy, rounds: int):
         self.writeback = WriteBack()
+        self.lanes = _Lanes()
         self.files: dict[str, OutputFile] = {}
         self.model: dict[str, OutputFile] = {}
         self.state: list[OutputFile] = []
@@ -202,7 +238,11 @@ class _Outputs:
 
     def _create(self, stage: Path, relative: str, header: SafetensorsHeader) -> OutputFile:
         output = OutputFile(
-            path=stage / relative, header=header.header_bytes, size=header.file_size
+            path=stage / relative,
+            header=header.header_bytes,
+            size=header.file_size,
+            writeback=self.writeback,
+            lane=self.lanes.new(),
         )
         self.files[relative] = output
         return output
@@ -211,11 +251,15 @@ class _Outputs:
         """Fsyncs and closes every file; returns their sha256 by relative name."""
         self.writeback.drain()
         self.writeback.close()
-        return {name: output.close() for name, output in self.files.items()}
+        try:
+            return {name: output.close() for name, output in self.files.items()}
+        finally:
+            self.lanes.close()
 
     def abandon(self) -> None:
         self.writeback.drain()
         self.writeback.close()
+        self.lanes.close()
         for output in self.files.values():
             output.abandon()
 
@@ -230,11 +274,13 @@ def stream_aggregate(
     rounds: int,
     stage: Path,
     chunk_elements: int | None = None,
+    given_hashes: HashBook | None = None,
 ) -> StreamOutcome:
     """Aggregates into ``stage``: the model's shards, and the server state if the strategy keeps one.
 
     ``weights`` are normalised; ``state`` is the previous round's (None: zeros); ``rounds``
-    goes into the new state's metadata. Raises ``NonFiniteClients`` when clients' weights hold
+    goes into the new state's metadata; ``given_hashes`` spare the hashing of the files whose
+    size and mtime still match. Raises ``NonFiniteClients`` when clients' weights hold
     NaN or Inf (found by the arithmetic's own finiteness check of each update's squared norm),
     so that the caller can drop them and start the pass again.
     """
@@ -244,15 +290,17 @@ def stream_aggregate(
     }
     states = len(strategy.state_names)
     itemsize = max((entry.dtype.itemsize for entry in order), default=1)
+    fused = all(fused_kernel(strategy, entry.dtype.name) for entry in order if entry.dtype.floating)
     if chunk_elements is None:
         chunk_elements = choose_chunk_elements(
             clients=len(clients),
             states=states,
             itemsize=itemsize,
             scratch_per_client=strategy.scratch_per_client,
+            fused=fused,
         )
     folders = [previous, *clients]
-    inputs = _Inputs()
+    inputs = _Inputs(given_hashes)
     outputs: _Outputs | None = None
     try:
         outputs = _Outputs(stage, previous, strategy, rounds)
@@ -297,9 +345,10 @@ def stream_aggregate(
                 if culprits:
                     raise NonFiniteClients(culprits) from error
                 raise
-            outputs.model[shard_of[result.tensor]].write(result.model_bytes)
+            writes = [outputs.model[shard_of[result.tensor]].write(result.model_bytes)]
             for output, data in zip(outputs.state, result.state_bytes):
-                output.write(data)
+                writes.append(output.write(data))
+            chunk.hashing += [hashing for hashing in writes if hashing is not None]
             statistics.add(result)
             loader.release(chunk)
 
@@ -314,9 +363,11 @@ def stream_aggregate(
             compute.shutdown(wait=True, cancel_futures=True)
             loader.close()
         output_hashes = outputs.close()
+        input_hashes, hash_sources = inputs.hashes(len(folders))
         return StreamOutcome(
             statistics=statistics,
-            input_hashes=inputs.hashes(len(folders)),
+            input_hashes=input_hashes,
+            hash_sources=hash_sources,
             output_hashes=output_hashes,
             bytes_read=sum(file.bytes_read for file in inputs.files.values()),
             bytes_written=sum(output.size for output in outputs.files.values()),

@@ -79,6 +79,11 @@ class PullRun(TransferRun):
     def final_path(self, item: RemoteFile) -> Path:
         return self.local_dir / item.relative
 
+    def record_stat(self, relative: str, final: Path) -> None:
+        """Records the verified file's size and mtime: its sha256 holds while they do."""
+        info = final.stat()
+        self.report.file_stats[relative] = {"size": info.st_size, "mtime_ns": info.st_mtime_ns}
+
     async def list_folder(
         self, session: FacilitySession, folder: str, prefix: str
     ) -> list[RemoteFile]:
@@ -148,6 +153,7 @@ class PullRun(TransferRun):
             )
             return False
         self.report.files[item.relative] = digest
+        self.record_stat(item.relative, final)
         self.report.files_skipped += 1
         self.report.bytes_skipped += item.size
         log.info("%s: %s is already here (sha256 %s): skipped", self.label, item.relative, digest)
@@ -190,6 +196,7 @@ class PullRun(TransferRun):
                             path=str(final),
                         ) from None
                     self.report.files[item.relative] = ours
+                    self.record_stat(item.relative, final)
                     log.info(
                         "%s: %s verified (sha256 %s) and in place", self.label, item.relative, ours
                     )

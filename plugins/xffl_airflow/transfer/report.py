@@ -25,6 +25,8 @@ class TransferReport:
     :param seconds: wall time of the whole call (scan, hashing, transfer, verification)
     :param mbps: ``bytes_sent`` over ``seconds``, in MB/s (10**6 bytes)
     :param retries: reconnects after a lost link plus files sent again after a mismatch
+    :param file_stats: pull only: each local file's ``size`` and ``mtime_ns`` once verified and
+        in place, so that a later reader can take its sha256 on trust while they still match
     """
 
     facility: str
@@ -41,6 +43,7 @@ class TransferReport:
     seconds: float = 0.0
     mbps: float = 0.0
     retries: int = 0
+    file_stats: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """A plain dict of JSON types (str, int, float, list, dict)."""

@@ -1,0 +1,82 @@
+"""The round's aggregation takes the sha256 that the pulls verified instead of hashing the
+pulled models again: each input is read exactly once. A pulled file touched after its pull is
+hashed again, and the report says so.
+
+Starts: the session's ``testbed`` (two facilities behind sshd, Slurm) and ``airflow_instance``
+(api-server, scheduler, dag-processor, triggerer on SQLite), stopped at the end of the session
+by PID. A one-round campaign runs in Airflow; then, to touch a pulled file between the pull and
+the aggregation, this test runs the round's ``aggregate_round`` again in its own process, with
+the plan and the pulls' reports that the DAG's tasks returned (their XComs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.plugins.xffl_airflow.federation.campaign_support import run_campaign
+from xffl_testbed.campaign import wait_for_campaign
+
+pytestmark = [pytest.mark.slurm, pytest.mark.airflow_live, pytest.mark.slow]
+
+
+def xcom(airflow, dag_id: str, run_id: str, task_id: str):
+    answer = airflow.api(
+        "GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
+    )
+    value = answer["value"]
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def sizes(folder: Path, pattern: str = "*") -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
+
+
+def test_the_aggregation_reads_each_pulled_file_once_and_rehashes_a_touched_one(
+    airflow_instance, testbed, corpora, tiny, storage
+):
+    from xffl_airflow.federation.rounds import aggregate_round
+
+    dag_id = run_campaign(
+        airflow_instance, testbed, corpora, tiny, storage, campaign="given-hashes",
+        convergence={"max_rounds": 1},
+    )  # fmt: skip
+    runs = wait_for_campaign(
+        airflow_instance, dag_id, "given-hashes", storage / "given-hashes", timeout=900
+    )
+    assert [r["state"] for r in runs] == ["success"], runs
+    run_id = runs[0]["dag_run_id"]
+    plan = xcom(airflow_instance, dag_id, run_id, "prepare")
+    pulled = {
+        name: xcom(airflow_instance, dag_id, run_id, f"{name}.pull") for name in ("site1", "site2")
+    }
+    previous = Path(plan["input_model"])
+    clients = {name: Path(result["path"]) for name, result in pulled.items()}
+    for name, result in pulled.items():  # the pull recorded what the aggregation checks
+        assert set(result["transfer"]["file_stats"]) == set(result["transfer"]["files"]), name
+
+    # in Airflow: every hash of the clients given by the pulls, every input read once
+    global_model = storage / "given-hashes" / "round-0000" / "global"
+    report = json.loads((global_model / "aggregation.json").read_text())
+    weights = sum(sizes(folder, "*.safetensors") for folder in clients.values())
+    assert report["bytes_read"] == sizes(previous) + weights
+    for entry in report["clients"]:
+        assert set(entry["hash_sources"].values()) == {"given"}, entry
+        assert entry["files"] == pulled[entry["name"]]["transfer"]["files"]
+    assert report["input_hashes"]["stale"] == []
+
+    # a pulled file touched after the pull: hashed again, and the report says so
+    touched = sorted(clients["site2"].glob("*.safetensors"))[0]
+    stat = touched.stat()
+    os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    again = aggregate_round(plan, pulled)["report"]
+    assert again["input_hashes"]["stale"] == [str(touched)]
+    site2 = next(entry for entry in again["clients"] if entry["name"] == "site2")
+    assert site2["hash_sources"][touched.name] == "computed"
+    assert site2["files"][touched.name] == pulled["site2"]["transfer"]["files"][touched.name]
+    once = sizes(previous) + weights  # plus a pass of its own if it is read out of order
+    assert once <= again["bytes_read"] <= once + touched.stat().st_size
+    assert again["output_files"] == report["output_files"]
