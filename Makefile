@@ -20,6 +20,8 @@ FACILITY_VENV ?= $(shell if runuser -u nobody -- test -r "$(CURDIR)/pyproject.to
 FACILITY_BASE_PYTHON ?= /usr/bin/python3
 PYTEST_ARGS ?=
 KEEP ?=
+# LORA=1: make demo runs the LoRA campaign (examples/local-lora.yaml) instead.
+LORA ?=
 # Packages the local facilities (and the PostgreSQL tests, and the headless-browser test of the
 # campaign view: chromium and its chromedriver) need from Debian.
 SYSTEM_PACKAGES_STAMP := $(VENV)/.system-packages
@@ -65,9 +67,10 @@ $(FACILITY_VENV)/.installed: requirements-facility.lock pyproject.toml $(XFFL_TA
 	@chmod -R a+rX $(FACILITY_VENV)
 	@touch $@
 
-# KEEP=1 keeps Airflow and the facilities running after the campaign, for a look in the UI.
+# KEEP=1 keeps Airflow and the facilities running after the campaign, for a look in the UI;
+# LORA=1 runs a 3-round LoRA campaign (only adapters move) instead of full fine-tuning.
 demo: setup
-	XFFL_DEMO_KEEP=$(KEEP) $(VENV)/bin/python -m xffl_testbed.demo
+	XFFL_DEMO_KEEP=$(KEEP) XFFL_DEMO_LORA=$(LORA) $(VENV)/bin/python -m xffl_testbed.demo
 
 test: setup
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)

@@ -95,9 +95,16 @@ def hyperparameter_arguments(hyperparameters: Mapping[str, object]) -> list[str]
 
 
 def build_training_argv(
-    *, model_dir: str, data_path: str, out_dir: str, hyperparameters: Mapping[str, object]
+    *,
+    model_dir: str,
+    data_path: str,
+    out_dir: str,
+    hyperparameters: Mapping[str, object],
+    adapter_dir: str | None = None,
 ) -> list[str]:
-    """``-m xffl_tasks.train --model ... --data ... --out ... [flags]`` (after the Python)."""
+    """``-m xffl_tasks.train --model ... --data ... --out ... [--adapter ...] [flags]`` (after
+    the Python); with ``adapter_dir``, ``model_dir`` is the frozen base and the adapter trains."""
+    adapter = ["--adapter", _path(adapter_dir, "adapter_dir")] if adapter_dir is not None else []
     return [
         "-m",
         "xffl_tasks.train",
@@ -107,6 +114,7 @@ def build_training_argv(
         _path(data_path, "data_path"),
         "--out",
         _path(out_dir, "out_dir"),
+        *adapter,
         *hyperparameter_arguments(hyperparameters),
     ]
 
@@ -121,6 +129,7 @@ def build_training_command(
     hyperparameters: Mapping[str, object],
     nproc_per_node: int = 1,
     extra_env: Mapping[str, str] | None = None,
+    adapter_dir: str | None = None,
 ) -> str:
     """The one shell line that trains, for ``launcher`` ``none``, ``srun`` or ``torchrun``.
 
@@ -144,7 +153,8 @@ def build_training_command(
         )
     python = shlex.quote(_python(python))
     task = " ".join(shlex.quote(word) for word in build_training_argv(
-        model_dir=model_dir, data_path=data_path, out_dir=out_dir, hyperparameters=hyperparameters
+        model_dir=model_dir, data_path=data_path, out_dir=out_dir, hyperparameters=hyperparameters,
+        adapter_dir=adapter_dir,
     ))  # fmt: skip
     words = _env(extra_env)
     if launcher == "none":

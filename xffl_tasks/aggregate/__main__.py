@@ -2,7 +2,7 @@
 
     python -m xffl_tasks.aggregate --previous PREV_DIR --out OUT_DIR [--strategy NAME]
         [--weights W1,W2,...] [--names N1,N2,...] [--option KEY=VALUE ...]
-        [--min-clients N] [--max-weight-share X] CLIENT_DIR [CLIENT_DIR ...]
+        [--min-clients N] [--max-weight-share X] [--input-hashes FILE] CLIENT_DIR [CLIENT_DIR ...]
 
 On success it prints one line (where the model went, the global update norm, the seconds) and
 exits 0 (clients left out by their checks are named on stderr, one line each). On bad input it prints one line, ``xffl-aggregate: error: ...``, exits 2, and leaves
@@ -18,6 +18,8 @@ from collections.abc import Sequence
 
 from xffl_tasks.aggregate.aggregation import aggregate
 from xffl_tasks.aggregate.errors import AggregationError
+from xffl_tasks.aggregate.input_hashes import load_input_hashes
+from xffl_tasks.aggregate.lora_options import ADAPTER_STRATEGIES
 from xffl_tasks.aggregate.strategies import STRATEGIES
 
 PROG = "xffl-aggregate"
@@ -75,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="the new global model's folder (must not exist)"
     )
     parser.add_argument(
-        "--strategy", default="fedavg", help=f"one of {', '.join(STRATEGIES)} (default fedavg)"
+        "--strategy",
+        default="fedavg",
+        help=f"one of {', '.join(STRATEGIES)}; for LoRA adapters {', '.join(ADAPTER_STRATEGIES)} (default fedavg)",
     )
     parser.add_argument(
         "--weights", help="W1,W2,...: one positive weight per client (default: num_samples)"
@@ -99,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="X",
         help="the largest normalised weight of a client, 0 < X <= 1 (default: no cap)",
     )
+    parser.add_argument(
+        "--input-hashes",
+        metavar="FILE",
+        help="JSON: path -> {sha256, size, mtime_ns} of input files hashed elsewhere (by the "
+        "transfer); files whose size or mtime differ are hashed again (default: hash every file)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     parser.add_argument(
         "clients", nargs="+", metavar="CLIENT_DIR", help="the clients' model folders"
@@ -113,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(message)s",
     )
     try:
+        given = load_input_hashes(args.input_hashes) if args.input_hashes is not None else None
         report = aggregate(
             args.previous,
             args.clients,
@@ -123,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             options=parse_options(args.option),
             min_clients=args.min_clients,
             max_weight_share=args.max_weight_share,
+            input_hashes=given,
         )
     except AggregationError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -132,6 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for name, reason in report["rejected"].items():
         print(f"{PROG}: warning: client {name!r} left out: {reason}", file=sys.stderr)
+    for path in report.get("input_hashes", {}).get("stale", []):
+        print(
+            f"{PROG}: warning: {path} changed since its hash was given: hashed again",
+            file=sys.stderr,
+        )
     print(
         f"{PROG}: {report['strategy']} of {len(report['clients'])} clients written to {report['output']} "
         f"in {report['seconds']:.1f} s (global update norm {report['global_update_norm']:.6g})"

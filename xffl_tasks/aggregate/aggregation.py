@@ -27,6 +27,8 @@ import torch
 from xffl_tasks.aggregate.engine import NonFiniteClients, StreamOutcome, stream_aggregate
 from xffl_tasks.aggregate.errors import AggregationError
 from xffl_tasks.aggregate.files import copy_file, sha256_file
+from xffl_tasks.aggregate.input_hashes import COMPUTED, GIVEN, HashBook
+from xffl_tasks.aggregate.lora_options import ADAPTER_STRATEGIES
 from xffl_tasks.aggregate.model_folder import ModelFolder, check_same_tensors, open_model_folder
 from xffl_tasks.aggregate.report import REPORT_FILE, build_report
 from xffl_tasks.aggregate.server_state import ServerState, open_server_state
@@ -78,31 +80,47 @@ class _Files:
     output: dict[str, str]
     bytes_read: int
     bytes_written: int
+    #: Per folder (previous first, then the clients): ``given`` or ``computed``, by name.
+    sources: list[dict[str, str]]
+
+
+def _hash_other_file(path: Path, given: HashBook) -> tuple[str, int, str]:
+    """The file's sha256, the bytes read for it and where the hash came from."""
+    with open(path, "rb") as file:
+        known = given.lookup(path, os.fstat(file.fileno()))
+    if known:
+        return known, 0, GIVEN
+    digest, size = sha256_file(path)
+    return digest, size, COMPUTED
 
 
 def _carry_and_hash_other_files(
-    previous: Path, clients: Sequence[Path], stage: Path, outcome: StreamOutcome
+    previous: Path, clients: Sequence[Path], stage: Path, outcome: StreamOutcome, given: HashBook
 ) -> _Files:
     """Copies the previous model's other files (config, tokenizer, index) into ``stage`` and
-    hashes the files of every folder that the streaming pass did not read."""
+    hashes the files of every folder that the streaming pass did not read (unless given)."""
     files = _Files(
         dict(outcome.input_hashes[0]),
         [dict(hashes) for hashes in outcome.input_hashes[1:]],
         dict(outcome.output_hashes),
         outcome.bytes_read,
         outcome.bytes_written,
+        [dict(sources) for sources in outcome.hash_sources],
     )
     for path in _other_files(previous, files.previous):
         if path.name == REPORT_FILE:  # the previous round's report: recorded, not carried over
-            files.previous[path.name], size = sha256_file(path)
-        else:
+            files.previous[path.name], size, files.sources[0][path.name] = _hash_other_file(
+                path, given
+            )
+        else:  # read anyway to be copied: hashed on the way
             files.previous[path.name], size = copy_file(path, stage / path.name)
+            files.sources[0][path.name] = COMPUTED
             files.output[path.name] = files.previous[path.name]
             files.bytes_written += size
         files.bytes_read += size
-    for folder, hashes in zip(clients, files.clients):
+    for folder, hashes, sources in zip(clients, files.clients, files.sources[1:]):
         for path in _other_files(folder, hashes):
-            hashes[path.name], size = sha256_file(path)
+            hashes[path.name], size, sources[path.name] = _hash_other_file(path, given)
             files.bytes_read += size
     return files
 
@@ -171,6 +189,7 @@ def aggregate(
     chunk_elements: int | None = None,
     min_clients: int | None = None,
     max_weight_share: float | None = None,
+    input_hashes: Mapping[str | os.PathLike, Mapping[str, object]] | HashBook | None = None,
 ) -> dict:
     """Aggregates the client model folders into the next global model at ``out``.
 
@@ -183,7 +202,8 @@ def aggregate(
         if any, is read from ``server_state/``).
     :param clients: the clients' model folders (Hugging Face, safetensors, with metrics.json).
     :param out: the new folder; must not exist. It appears only complete.
-    :param strategy: fedavg, fedavgm, fedadam, fedyogi, trimmed-mean or median.
+    :param strategy: fedavg, fedavgm, fedadam, fedyogi, trimmed-mean or median; for LoRA
+        adapter folders lora-fedavg, lora-exact or lora-frozen-a (``xffl_tasks.aggregate.lora``).
     :param weights: one positive weight per client; default: each metrics.json's num_samples.
     :param names: the clients' names in the report and in messages; default: folder names.
     :param options: the strategy's hyperparameters (e.g. server_learning_rate).
@@ -192,9 +212,19 @@ def aggregate(
     :param min_clients: how many clients must pass the checks; default: all of them.
     :param max_weight_share: the largest normalised weight a client may get (0 < x <= 1); the
         excess goes to the others in proportion to their weights. Default: no cap.
+    :param input_hashes: hashes of input files computed elsewhere (the transfer that fetched
+        them): path -> ``{"sha256", "size", "mtime_ns"}``. A file whose size and mtime still
+        match is not hashed again; any other is (the report's ``input_hashes`` says which).
     :returns: what was written to ``out/aggregation.json``.
     :raises AggregationError: on bad input, naming the client, file, tensor or field.
     """
+    if strategy in ADAPTER_STRATEGIES:  # LoRA adapter folders: xffl_tasks.aggregate.lora
+        from xffl_tasks.aggregate.lora import aggregate_adapters
+
+        return aggregate_adapters(
+            previous, clients, out, strategy=strategy, weights=weights, names=names,
+            options=options, min_clients=min_clients, max_weight_share=max_weight_share,
+        )  # fmt: skip
     started = time.perf_counter()
     previous, out = Path(previous), Path(out)
     client_paths = [Path(client) for client in clients]
@@ -206,6 +236,11 @@ def aggregate(
     check_absent(out)
     _check_output_location(out, [previous, *client_paths])
     make_strategy(strategy, options=options, num_clients=len(client_paths))
+    book = (
+        input_hashes
+        if isinstance(input_hashes, HashBook)
+        else HashBook.from_mapping(input_hashes)
+    )
     given = check_given_weights(names, weights) if weights is not None else None
     previous_model = open_model_folder(previous, label=PREVIOUS_LABEL)
     rejected: dict[str, str] = {}
@@ -230,7 +265,7 @@ def aggregate(
             report = _aggregate_pass(
                 previous_model, accepted, rule, state, rounds, normalized, out, chunk_elements,
                 started=started, rejected=rejected, min_clients=min_clients,
-                max_weight_share=max_weight_share,
+                max_weight_share=max_weight_share, given_hashes=book,
             )  # fmt: skip
             break
         except NonFiniteClients as error:  # the staged output is gone: start again without them
@@ -264,9 +299,11 @@ def _aggregate_pass(
     rejected: Mapping[str, str],
     min_clients: int,
     max_weight_share: float | None,
+    given_hashes: HashBook,
 ) -> dict:
     """One streaming pass into a staging folder renamed to ``out`` once complete."""
     previous = previous_model.path
+    given_hashes.stale.clear()  # a pass started again records them afresh
     with staged_folder(out) as stage:
         with _torch_threads(1):
             outcome = stream_aggregate(
@@ -278,8 +315,11 @@ def _aggregate_pass(
                 rounds=rounds or 0,
                 stage=stage,
                 chunk_elements=chunk_elements,
+                given_hashes=given_hashes,
             )
-        files = _carry_and_hash_other_files(previous, [c.path for c in accepted], stage, outcome)
+        files = _carry_and_hash_other_files(
+            previous, [c.path for c in accepted], stage, outcome, given_hashes
+        )
         report = build_report(
             strategy=rule,
             previous=previous,
@@ -297,6 +337,15 @@ def _aggregate_pass(
             bytes_written=files.bytes_written,
             seconds=time.perf_counter() - started,
         )
+        for entry, sources in zip(report["clients"], files.sources[1:]):
+            entry["hash_sources"] = dict(sorted(sources.items()))
+        report["previous_hash_sources"] = dict(sorted(files.sources[0].items()))
+        every = [source for sources in files.sources for source in sources.values()]
+        report["input_hashes"] = {
+            GIVEN: every.count(GIVEN),
+            COMPUTED: every.count(COMPUTED),
+            "stale": sorted(set(given_hashes.stale)),
+        }
         report["rejected"] = dict(rejected)
         report["min_clients"] = min_clients
         report["max_weight_share"] = max_weight_share

@@ -185,12 +185,40 @@ FIELDS: tuple[FieldSpec, ...] = (
         minimum=1,
         maximum=65535,
     ),
+    FieldSpec(
+        "adapter",
+        "path",
+        "a PEFT LoRA adapter folder to train on top of --model (the base stays frozen; out: an adapter)",
+        optional=True,
+    ),
+    FieldSpec(
+        "peft",
+        "str",
+        "lora: train a new LoRA adapter (lora_* settings), the base model frozen; out: an adapter",
+        optional=True,
+        choices=("lora",),
+    ),
+    FieldSpec("lora_r", "int", "rank of a new LoRA adapter", minimum=1, maximum=4096),
+    FieldSpec("lora_alpha", "float", "alpha of a new LoRA adapter (scaling alpha/r)", minimum=0, exclusive_minimum=True),
+    FieldSpec("lora_dropout", "float", "dropout of a new LoRA adapter", minimum=0, maximum=0.99),
+    FieldSpec(
+        "lora_target_modules",
+        "str",
+        "comma-separated module names a new LoRA adapter adapts",
+        pattern=r"^[A-Za-z0-9_.]+(,[A-Za-z0-9_.]+)*$",
+    ),
+    FieldSpec(
+        "lora_train_a",
+        "bool",
+        "train LoRA's A matrices too (--no-lora-train-a: A stays as given, only B trains)",
+    ),
 )
 FIELDS_BY_NAME: dict[str, FieldSpec] = {spec.name: spec for spec in FIELDS}
 PATH_FIELDS = ("model", "data", "out")
 # Every field but the three paths: what the Airflow side may pass as hyperparameters.
+# (``adapter`` is a path too: the federation passes it itself, from its own layout.)
 HYPERPARAMETERS: tuple[str, ...] = tuple(
-    spec.name for spec in FIELDS if spec.name not in PATH_FIELDS
+    spec.name for spec in FIELDS if spec.name not in (*PATH_FIELDS, "adapter")
 )
 
 
@@ -225,6 +253,18 @@ class TrainingConfig:
     max_shard_size: str = "5GB"
     log_every: int = 10
     master_port: int | None = None
+    adapter: str | None = None
+    peft: str | None = None
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
+    lora_train_a: bool = True
+
+    @property
+    def uses_adapter(self) -> bool:
+        """Whether this run trains a LoRA adapter (the base model frozen) instead of the model."""
+        return self.adapter is not None or self.peft is not None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -126,15 +126,20 @@ def _layers_to_shard(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def build_model(
-    source: ModelFolder, config: TrainingConfig, runtime: Runtime
+    source: ModelFolder, config: TrainingConfig, runtime: Runtime, adapter: Any = None
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """``(model to train, the plain model inside it)``, loaded and placed for ``runtime``."""
+    """``(model to train, the plain model inside it)``, loaded and placed for ``runtime``;
+    with ``adapter`` (an ``AdapterPlan``), the base frozen under PEFT's LoRA layers."""
     if runtime.parallelism == "fsdp":
-        return _build_fsdp(source, config, runtime)
+        return _build_fsdp(source, config, runtime, adapter)
     model = load_model(source)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if adapter is not None:
+        from xffl_tasks.train.adapter_training import attach
+
+        model = attach(model, adapter)
     model.to(runtime.device)
     if runtime.parallelism == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -145,7 +150,7 @@ def build_model(
 
 
 def _build_fsdp(
-    source: ModelFolder, config: TrainingConfig, runtime: Runtime
+    source: ModelFolder, config: TrainingConfig, runtime: Runtime, adapter: Any = None
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
@@ -159,6 +164,11 @@ def _build_fsdp(
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    if adapter is not None:  # the same LoRA layers on both, so their state dicts match
+        from xffl_tasks.train.adapter_training import attach
+
+        full = attach(full, adapter) if full is not None else None
+        model = attach(model, adapter, load_weights=False)
     mesh = init_device_mesh(runtime.device.type, (runtime.launch.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=runtime.compute_dtype, reduce_dtype=torch.float32)
     for layer in _layers_to_shard(model):

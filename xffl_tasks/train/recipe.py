@@ -77,6 +77,11 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
     source = inspect_model_folder(config.model)
     seq_len = resolve_seq_len(config, source)
     output = OutputFolder(config.out, model=source.path)
+    from xffl_tasks.train.adapter_training import adapter_state, plan_adapter, write_adapter
+
+    adapter = plan_adapter(config)  # None: the whole model trains
+    if adapter is not None and adapter.folder is not None:
+        OutputFolder(config.out, model=adapter.folder)  # nor inside the adapter
     tokenizer = load_tokenizer(source)
     dataset = load_dataset(
         config.data,
@@ -113,7 +118,7 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
         output.create()
     try:
         distributed.init_process_group(runtime)
-        model, plain = distributed.build_model(source, config, runtime)
+        model, plain = distributed.build_model(source, config, runtime, adapter)
         aliases = alias_groups(plain)
         before = evaluate(model, dataset.validation, runtime, batch_size=config.batch_size)
         log.info("validation loss before training: %.4f (%d tokens)", before.loss, before.tokens)
@@ -156,14 +161,17 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
         if launch.is_main:
             try:
                 assert output.staging is not None
-                write_model(
-                    output.staging,
-                    model=plain,
-                    state=state_dict_for_output(state, source, aliases),
-                    tokenizer=tokenizer,
-                    source=source,
-                    max_shard_size=config.max_shard_size,
-                )
+                if adapter is not None:
+                    write_adapter(output.staging, adapter_state(plain, state, adapter), adapter, source)
+                else:
+                    write_model(
+                        output.staging,
+                        model=plain,
+                        state=state_dict_for_output(state, source, aliases),
+                        tokenizer=tokenizer,
+                        source=source,
+                        max_shard_size=config.max_shard_size,
+                    )
                 metrics["total_seconds"] = time.perf_counter() - started
                 metrics["finished_at"] = _now()
                 output.commit(metrics)
