@@ -82,12 +82,37 @@ def write_manifest(round_dir: str | Path, manifest: dict[str, Any], previous: st
     return path
 
 
-def verify_campaign(campaign_dir: str | Path, *, check_files: bool = True) -> list[str]:
+def warm_start_lineage(campaign_dir: str | Path) -> list[tuple[str, int]]:
+    """The campaigns this one was warm-started from, nearest first: ``(campaign, round)``,
+    read from each round 0 manifest's ``warm_start`` record (cycles and dead links end it)."""
+    lineage: list[tuple[str, int]] = []
+    seen = {Path(campaign_dir).resolve()}
+    current = Path(campaign_dir)
+    while True:
+        try:
+            manifest = json.loads((current / round_dir_name(0) / MANIFEST).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return lineage
+        source = manifest.get("warm_start") if isinstance(manifest, dict) else None
+        if not isinstance(source, dict) or not source.get("manifest"):
+            return lineage
+        lineage.append((str(source.get("campaign")), int(source.get("round") or 0)))
+        current = Path(source["manifest"]).parent.parent
+        if current.resolve() in seen:
+            return lineage
+        seen.add(current.resolve())
+
+
+def verify_campaign(
+    campaign_dir: str | Path, *, check_files: bool = True, _seen: frozenset[Path] = frozenset()
+) -> list[str]:
     """Checks a campaign's manifest chain; returns the problems found (empty: it verifies).
 
     - every round folder has a manifest that parses and names its own campaign and round;
-    - round N's ``previous_manifest_sha256`` is the sha256 of round N-1's manifest file
-      (round 0 may link to the manifest of the campaign it was warm-started from);
+    - round N's ``previous_manifest_sha256`` is the sha256 of round N-1's manifest file;
+    - round 0 may link to the manifest of the campaign it was warm-started from: that file's
+      sha256 must match, and that campaign's chain is checked in turn (its problems prefixed
+      ``warm-start source <folder>:``), so the audit chain crosses campaigns;
     - with ``check_files``, every output file the manifest lists still has its recorded sha256.
     """
     campaign_dir = Path(campaign_dir)
@@ -130,6 +155,16 @@ def verify_campaign(campaign_dir: str | Path, *, check_files: bool = True) -> li
                 problems.append(f"{folder.name}/{MANIFEST}: links to a warm-start manifest {linked!r} that is missing")
             elif sha256_file(linked) != recorded:
                 problems.append(f"{folder.name}/{MANIFEST}: warm-start manifest {linked} was changed")
+            else:
+                source_dir = Path(linked).parent.parent
+                if source_dir.resolve() in _seen | {campaign_dir.resolve()}:
+                    problems.append(f"{folder.name}/{MANIFEST}: warm-start link to {source_dir} makes a cycle")
+                else:
+                    problems.extend(
+                        f"warm-start source {source_dir.name}: {problem}"
+                        for problem in verify_campaign(source_dir, check_files=check_files,
+                                                       _seen=_seen | {campaign_dir.resolve()})
+                    )  # fmt: skip
         if check_files:
             for relative, digest in (manifest.get("outputs") or {}).items():
                 target = folder / relative

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xffl_tasks.manifest import round_dirs, verify_campaign
+from xffl_tasks.manifest import round_dirs, verify_campaign, warm_start_lineage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"FAIL {problem}", file=sys.stderr)
         return 1
     count = len(round_dirs(args.campaign_dir))
-    print(f"OK {args.campaign_dir}: {count} round(s), manifest chain intact")
+    lineage = "".join(f"; warm-started from {name} round {number}" for name, number in warm_start_lineage(args.campaign_dir))
+    print(f"OK {args.campaign_dir}: {count} round(s), manifest chain intact{lineage}")
     return 0
 
 

@@ -8,12 +8,18 @@ localhost), triggers round 0 of the campaign described by the packaged example c
 prints the per-round table, where the plot and manifests are, and the UI address and login,
 then tears everything down. ``XFFL_DEMO_KEEP=1`` (``make demo KEEP=1``) keeps it running for a
 look in the UI until Ctrl-C.
+
+SIGINT and SIGTERM stop it through the same teardown (Airflow, then the facilities), however
+it was started: a demo started in the background without a terminal inherits SIGINT ignored,
+and ``make`` passes neither signal on, so the demo installs its own handlers (a signal during
+the teardown is noted, never obeyed half-way).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -24,16 +30,42 @@ from xffl_testbed.campaign import campaign_runs, make_tiny, place_private_data, 
 from xffl_testbed.facilities import Testbed, facility_python
 
 REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "plugins" / "xffl_airflow" / "federation" / "examples" / "local.yaml"
-DAG_ID = "xffl_demo"
-CAMPAIGN = "demo"
+# XFFL_DEMO_LORA=1 (make demo LORA=1): the LoRA campaign of examples/local-lora.yaml instead
+LORA = os.environ.get("XFFL_DEMO_LORA", "") not in ("", "0", "false")
+EXAMPLE = REPO / "plugins" / "xffl_airflow" / "federation" / "examples" / ("local-lora.yaml" if LORA else "local.yaml")
+DAG_ID = "xffl_demo_lora" if LORA else "xffl_demo"
+CAMPAIGN = "demo_lora" if LORA else "demo"
 
 
 def say(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+class DemoStopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the demo tears down and exits 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum: int, _frame) -> None:
+    raise DemoStopped(signum)
+
+
+def _already_stopping(signum: int, _frame) -> None:
+    say(f"{signal.Signals(signum).name}: already tearing down, please wait")
+
+
+def stop_on_signals(handler=_stop) -> None:
+    """SIGINT and SIGTERM call ``handler``, even where SIGINT was inherited ignored (a
+    background job); the processes the demo starts then get both signals' defaults back."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
 def main() -> int:
+    stop_on_signals()
     started = time.monotonic()
     work = Path(os.environ.get("XFFL_DEMO_DIR", REPO / ".demo")).resolve()
     keep = os.environ.get("XFFL_DEMO_KEEP", "") not in ("", "0", "false")
@@ -94,13 +126,14 @@ def main() -> int:
         say(f"campaign view: {airflow.base_url}/dags/{DAG_ID}/plugin/xffl-campaign (the DAG's Campaign tab)")
         status = 0 if verify.returncode == 0 else 1
         if keep:
-            say("XFFL_DEMO_KEEP is set: Airflow and the facilities keep running; Ctrl-C stops them")
+            say("XFFL_DEMO_KEEP is set: Airflow and the facilities keep running; Ctrl-C or SIGTERM stops them")
             try:
                 while True:
                     time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
+            except KeyboardInterrupt as stop:  # DemoStopped: SIGINT or SIGTERM
+                say(f"{stop}: stopping")
     finally:
+        stop_on_signals(_already_stopping)
         say("tearing down: Airflow, then the facilities (every process by PID)")
         if airflow is not None:
             airflow.stop()
@@ -109,5 +142,14 @@ def main() -> int:
     return status
 
 
+def run() -> int:
+    """``main()``, with a stop by signal as exit status 128 + its number (SIGTERM: 143)."""
+    try:
+        return main()
+    except DemoStopped as stopped:  # a signal before or during the campaign: torn down already
+        say(f"{stopped}: stopped")
+        return 128 + stopped.signum
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

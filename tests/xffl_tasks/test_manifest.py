@@ -58,3 +58,30 @@ def test_changed_output_and_missing_round_are_reported(tmp_path):
 
 def test_not_a_campaign(tmp_path):
     assert verify_campaign(tmp_path / "nothing") == [f"{tmp_path / 'nothing'}: no such campaign folder"]
+
+
+def test_the_chain_crosses_into_the_campaign_a_warm_start_came_from(tmp_path):
+    source = make_campaign(tmp_path / "a", rounds=2)
+    linked = source / "round-0001" / "manifest.json"
+    folder = tmp_path / "b" / "round-0000"
+    folder.mkdir(parents=True)
+    record = {"campaign": "b", "round": 0, "warm_start": {
+        "campaign": "demo", "round": 1, "manifest": str(linked), "manifest_sha256": sha256_file(linked)}}  # fmt: skip
+    write_manifest(folder, record, linked)
+    campaign = tmp_path / "b"
+    assert verify_campaign(campaign) == []
+    from xffl_tasks.manifest import warm_start_lineage
+
+    assert warm_start_lineage(campaign) == [("demo", 1)]
+    result = verify_cli(campaign)
+    assert result.returncode == 0 and "warm-started from demo round 1" in result.stdout
+    # a byte changed in the source's older round breaks the check of the warm-started campaign
+    older = source / "round-0000" / "manifest.json"
+    data = bytearray(older.read_bytes())
+    data[10] ^= 0x20
+    older.write_bytes(bytes(data))
+    problems = verify_campaign(campaign)
+    assert len(problems) == 1 and problems[0].startswith("warm-start source demo: round-0001/manifest.json")
+    # and a changed source manifest is caught at the link itself
+    linked.write_text(linked.read_text() + " ")
+    assert any("warm-start manifest" in p and "was changed" in p for p in verify_campaign(campaign))

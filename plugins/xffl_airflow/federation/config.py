@@ -54,6 +54,9 @@ PLACEHOLDERS = ("python", "model", "data", "out")
 ENV_PREFIX = "XFFL_"
 # The aggregation task's strategies (xffl_tasks.aggregate); a test keeps the two in step.
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "trimmed-mean", "median")
+# The strategies for LoRA adapters (training.peft; xffl_tasks.aggregate.lora_options).
+ADAPTER_STRATEGIES = ("lora-fedavg", "lora-exact", "lora-frozen-a")
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 LAUNCHERS = ("none", "srun", "torchrun")
 
 
@@ -154,21 +157,48 @@ class FacilityConfig(_Strict):
         return self.conn_id or f"facility_{self.name}"
 
 
+class PeftConfig(_Strict):
+    """Parameter-efficient fine-tuning: the base model stays frozen (pushed once per facility),
+    each round trains, moves and aggregates only a LoRA adapter (docs/training.md)."""
+
+    method: Literal["lora"] = "lora"
+    r: int = Field(default=8, ge=1, le=4096)
+    alpha: float = Field(default=16.0, gt=0, allow_inf_nan=False)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGET_MODULES), min_length=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.]{1,128}", name):
+                raise ValueError(f"{name[:40]!r} is not a module name (letters, digits, _ and .)")
+        if len(set(value)) != len(value):
+            raise ValueError("repeated module names")
+        return value
+
+
 class TrainingConfig(_Strict):
     """Hyperparameters of the facility training task (``python -m xffl_tasks.train``).
 
     ``command``, when set, replaces the training command: a shell template with the
     placeholders ``{python}``, ``{model}``, ``{data}`` and ``{out}`` (already quoted).
+    ``peft`` (absent: full fine-tuning) trains a LoRA adapter instead of the whole model.
     """
 
     model_config = ConfigDict(extra="allow", frozen=True)
     command: str | None = None
+    peft: PeftConfig | None = None
 
     @model_validator(mode="after")
     def _known_placeholders(self) -> TrainingConfig:
         if self.command is not None:
             check_command_template(self.command)
+            if self.peft is not None:
+                raise ValueError("peft: not with a custom command (the round passes the base model and the adapter itself)")
         for key, value in self.hyperparameters.items():
+            if key.startswith("lora_") or key in ("adapter", "peft"):
+                raise ValueError(f"{key}: LoRA is set in training.peft (method, r, alpha, dropout, target_modules)")
             if not re.fullmatch(r"[a-z][a-z0-9_]*", key):
                 raise ValueError(f"{key}: hyperparameter names are lower_snake_case")
             if not isinstance(value, (int, float, str, bool)) or value is None:
@@ -219,8 +249,8 @@ class AggregationConfig(_Strict):
     @field_validator("strategy")
     @classmethod
     def _strategy(cls, value: str) -> str:
-        if value not in STRATEGIES:
-            raise ValueError(f"unknown strategy {value!r}; one of {', '.join(STRATEGIES)}")
+        if value not in STRATEGIES + ADAPTER_STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r}; one of {', '.join(STRATEGIES + ADAPTER_STRATEGIES)}")
         return value
 
     @field_validator("options")
@@ -234,6 +264,11 @@ class AggregationConfig(_Strict):
         if strategy is None:  # refused above
             return value
         try:
+            if strategy in ADAPTER_STRATEGIES:
+                from xffl_tasks.aggregate.lora_options import check_adapter_options
+
+                check_adapter_options(strategy, dict(value))
+                return dict(value)
             return check_options(strategy, dict(value))
         except AggregationError as error:
             raise ValueError(str(error)) from None
@@ -272,6 +307,9 @@ class FederationConfig(_Strict):
     quorum: int | None = Field(default=None, ge=1)
     schedule: str | None = None
     warm_start: bool = False
+    #: With ``warm_start``: a campaign that failed or was abandoned before its convergence rule
+    #: stopped it may be the source too (its newest round with a manifest). Off: never.
+    warm_start_unfinished: bool = False
     description: str = ""
     #: The knobs a run may change (docs/security.md, R2); absent: DEFAULT_OVERRIDABLE.
     overridable: list[str] | None = None
@@ -309,6 +347,16 @@ class FederationConfig(_Strict):
             raise ValueError(
                 f"facilities: {', '.join(shared)} share one connection and workdir; their rounds would "
                 "overwrite each other's models (give each its own workdir)"
+            )
+        adapters = self.aggregation.strategy in ADAPTER_STRATEGIES
+        if adapters and self.training.peft is None:
+            raise ValueError(
+                f"aggregation.strategy: {self.aggregation.strategy} aggregates LoRA adapters; set training.peft"
+            )
+        if self.training.peft is not None and not adapters:
+            raise ValueError(
+                f"aggregation.strategy: with training.peft the rounds move adapters; use one of "
+                f"{', '.join(ADAPTER_STRATEGIES)}, not {self.aggregation.strategy}"
             )
         share = self.aggregation.max_weight_share
         # read as the decimal written (0.6 is 3/5), as the aggregation does

@@ -17,6 +17,7 @@ from airflow.sdk import DAG, Param, TaskGroup, task
 from airflow.sdk.definitions.context import get_current_context
 from airflow.sdk.exceptions import AirflowFailException
 
+from xffl_airflow.federation.assets import global_model_asset
 from xffl_airflow.federation.config import load_config
 from xffl_airflow.federation.connections import refuse_missing_connections
 from xffl_airflow.federation.next_round import NextRoundTriggerOperator
@@ -119,8 +120,10 @@ def build_federation_dag(config_path: str) -> DAG:
         ),  # fmt: skip
     ) as dag:
 
-        @task(**LOCAL_RETRIES)
-        def prepare() -> dict:
+        # a short circuit: a new campaign's round 0 while another campaign of this config is in
+        # flight returns no plan, and the whole run is skipped (rounds.prepare_round says why)
+        @task.short_circuit(**LOCAL_RETRIES)
+        def prepare() -> dict | None:
             from xffl_airflow.federation.rounds import prepare_round
 
             context = get_current_context()
@@ -136,6 +139,9 @@ def build_federation_dag(config_path: str) -> DAG:
                 run_conf=run_conf,
                 run_type=str(getattr(dag_run.run_type, "value", dag_run.run_type)),
                 logical_date=context.get("logical_date"),
+                active_runs=lambda run_ids: context["ti"].get_dr_count(
+                    dag_id=dag.dag_id, run_ids=run_ids, states=["queued", "running"]
+                ),
             )
 
         plan = prepare()
@@ -185,13 +191,18 @@ def build_federation_dag(config_path: str) -> DAG:
             pulled = {n: ti.xcom_pull(task_ids=f"{n}.pull") for n in names}
             return _refusals_fail_at_once(aggregate_round, ti.xcom_pull(task_ids="prepare"), pulled)
 
-        @task(**LOCAL_RETRIES)
+        global_model = global_model_asset(config)
+
+        # every finished round emits an event of the config's global-model asset (assets.py)
+        @task(outlets=[global_model], **LOCAL_RETRIES)
         def finalize(plan: dict, aggregated: dict) -> dict:
+            from airflow.utils.helpers import build_airflow_dagrun_url
+
             from xffl_airflow.federation.rounds import finalize_round
 
             context = get_current_context()
             ti = context["ti"]
-            return _refusals_fail_at_once(
+            decision = _refusals_fail_at_once(
                 finalize_round,
                 plan,
                 pushed={n: ti.xcom_pull(task_ids=f"{n}.push") for n in names},
@@ -199,7 +210,10 @@ def build_federation_dag(config_path: str) -> DAG:
                 pulled={n: ti.xcom_pull(task_ids=f"{n}.pull") for n in names},
                 aggregated=aggregated,
                 run_id_value=context["run_id"],
+                run_url=lambda run_id: build_airflow_dagrun_url(dag_id=dag.dag_id, run_id=run_id),
             )
+            context["outlet_events"][global_model].extra = decision["global_model"]
+            return decision
 
         @task.short_circuit(**LOCAL_RETRIES)
         def continue_campaign(decision: dict) -> bool:
@@ -213,6 +227,7 @@ def build_federation_dag(config_path: str) -> DAG:
             trigger_dag_id=dag.dag_id,
             trigger_run_id="{{ ti.xcom_pull(task_ids='finalize')['next_run_id'] }}",
             conf="{{ ti.xcom_pull(task_ids='finalize')['next_conf'] }}",
+            note="{{ ti.xcom_pull(task_ids='finalize')['next_note'] }}",
             skip_when_already_exists=True,
             retries=3,
             retry_delay=timedelta(seconds=10),

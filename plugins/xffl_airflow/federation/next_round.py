@@ -14,7 +14,13 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 
 
 class NextRoundTriggerOperator(TriggerDagRunOperator):
-    """Triggers the next round of the campaign with a ``run_after`` one second in the past."""
+    """Triggers the next round of the campaign with a ``run_after`` one second in the past.
+
+    ``note`` is templated here: the next run's note (campaign, round, a link to this run) is
+    what the UI's run list and run header show beside the run's time.
+    """
+
+    template_fields = (*TriggerDagRunOperator.template_fields, "note")
 
     def execute(self, context):
         self.run_after = datetime.now(timezone.utc) - timedelta(seconds=1)

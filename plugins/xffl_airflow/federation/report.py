@@ -23,6 +23,8 @@ COLUMNS = (
     ("run_s", "run s", "{:.1f}"),
     ("push_s", "push s", "{:.2f}"),
     ("pull_s", "pull s", "{:.2f}"),
+    ("moved_mb", "MB moved", "{:.3f}"),
+    ("aggregation_s", "agg s", "{:.2f}"),
     ("loss_before", "loss before", "{:.4f}"),
     ("loss_after", "loss after", "{:.4f}"),
     ("samples", "samples", "{}"),
@@ -46,8 +48,16 @@ def _get(mapping: Any, *keys: str) -> Any:
     return mapping
 
 
+def _moved_mb(facility: Any) -> float | None:
+    """MB (10**6 bytes) a facility's transfers moved this round: push (and the base model's,
+    in a LoRA campaign) plus pull; None when no transfer was recorded."""
+    sent = [_get(facility, key, "bytes_sent") for key in ("push", "push_base", "pull")]
+    sent = [value for value in sent if isinstance(value, (int, float))]
+    return sum(sent) / 1e6 if sent else None
+
+
 def campaign_rows(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per round and facility, then one 'global' row per round."""
+    """One row per round and facility, then one 'global' row per round (its ``aggregation_s``)."""
     rows = []
     for manifest in manifests:
         for name, facility in sorted((manifest.get("facilities") or {}).items()):
@@ -61,6 +71,8 @@ def campaign_rows(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "run_s": _get(facility, "job", "run_s"),
                     "push_s": _get(facility, "push", "seconds"),
                     "pull_s": _get(facility, "pull", "seconds"),
+                    "moved_mb": _moved_mb(facility),
+                    "aggregation_s": None,
                     "loss_before": _get(facility, "metrics", "val_loss_before"),
                     "loss_after": _get(facility, "metrics", "val_loss_after"),
                     "samples": _get(facility, "metrics", "num_samples"),
@@ -75,7 +87,9 @@ def campaign_rows(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "queue_s": None,
                 "run_s": None,
                 "push_s": None,
-                "pull_s": _get(manifest, "aggregation", "seconds"),
+                "pull_s": None,
+                "moved_mb": sum(_moved_mb(f) or 0.0 for f in (manifest.get("facilities") or {}).values()),
+                "aggregation_s": _get(manifest, "aggregation", "seconds"),
                 "loss_before": manifest.get("weighted_val_loss"),
                 "loss_after": manifest.get("weighted_val_loss_after"),
                 "samples": sum(
@@ -87,7 +101,7 @@ def campaign_rows(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def render_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table; the global row's 'pull s' column holds the aggregation seconds."""
+    """A plain-text table; the aggregation's seconds are in the global row's 'agg s' column."""
     cells = [[title for _, title, _ in COLUMNS]]
     for row in rows:
         line = []
@@ -147,7 +161,7 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
             heights.append(max(values) if values else 0.0)
         times.bar(rounds, heights, bottom=bottom, label=f"{label} (slowest facility)")
         bottom = [b + h for b, h in zip(bottom, heights)]
-    aggregation = [next((r["pull_s"] or 0.0 for r in rows if r["round"] == rnd and r["facility"] == "(global)"), 0.0) for rnd in rounds]
+    aggregation = [next((r["aggregation_s"] or 0.0 for r in rows if r["round"] == rnd and r["facility"] == "(global)"), 0.0) for rnd in rounds]
     times.bar(rounds, aggregation, bottom=bottom, label="aggregation")
     for axis in (losses, times):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))

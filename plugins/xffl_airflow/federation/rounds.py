@@ -14,6 +14,7 @@ import logging
 import shlex
 import shutil
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,14 @@ from xffl_airflow.federation.connections import check_connections
 from xffl_airflow.federation.convergence import RoundOutcome, decide, weighted_loss
 from xffl_airflow.federation.knobs import RunConfError, accept_run_conf, check_campaign
 from xffl_airflow.federation.layout import CampaignLayout, RemoteLayout, run_id
-from xffl_tasks.manifest import MANIFEST, hash_tree, round_dirs, write_json_atomic, write_manifest
+from xffl_tasks.manifest import (
+    MANIFEST,
+    hash_tree,
+    round_dirs,
+    sha256_file,
+    write_json_atomic,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,30 +77,87 @@ def campaign_name(config: FederationConfig, *, requested: str | None, run_type: 
     return config.campaign
 
 
-def latest_final_model(config: FederationConfig, *, exclude: str) -> tuple[Path, Path] | None:
-    """The final global model and manifest of the newest finished campaign of this config."""
+def _config_campaigns(config: FederationConfig, *, exclude: str) -> list[Path]:
+    """The campaign folders of this config (its own and its scheduled ones), but ``exclude``."""
     storage = Path(config.storage)
-    best: tuple[str, Path, Path] | None = None
     if not storage.is_dir():
+        return []
+    return sorted(
+        d for d in storage.iterdir()
+        if d.name != exclude and d.is_dir()
+        and (d.name == config.campaign or d.name.startswith(config.campaign + "-"))
+    )  # fmt: skip
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    for campaign_dir in storage.iterdir():
-        if campaign_dir.name == exclude or not (
-            campaign_dir.name == config.campaign or campaign_dir.name.startswith(config.campaign + "-")
-        ):
+    return data if isinstance(data, dict) else None
+
+
+def warm_start_source(config: FederationConfig, *, exclude: str) -> dict[str, Any] | None:
+    """Where a warm-started campaign starts: the newest campaign of this config that finished
+    by its own convergence rule (its last round's manifest says stop), its final global model.
+
+    A campaign that failed or was abandoned (its last round has no manifest, or its manifest
+    says go on) is a source only with ``warm_start_unfinished``: then its newest round that
+    has a manifest. Returns the source's ``campaign``, ``round``, ``model``, ``manifest``,
+    ``manifest_sha256`` and ``finished``, or None.
+    """
+    best: tuple[str, dict[str, Any]] | None = None
+    for campaign_dir in _config_campaigns(config, exclude=exclude):
+        rounds = round_dirs(campaign_dir)
+        finished = False
+        for position, (number, folder) in enumerate(reversed(rounds)):
+            manifest = _read_manifest(folder / MANIFEST)
+            if manifest is None:
+                continue
+            finished = position == 0 and bool((manifest.get("decision") or {}).get("stop"))
+            break
+        else:
             continue
+        if not finished and not config.warm_start_unfinished:
+            continue
+        if not (folder / "global" / "config.json").is_file():
+            continue
+        stamp = str(manifest.get("finished_at") or "")
+        source = {"campaign": campaign_dir.name, "round": number, "model": str(folder / "global"),
+                  "manifest": str(folder / MANIFEST), "finished": finished}  # fmt: skip
+        if best is None or stamp > best[0]:
+            best = (stamp, source)
+    if best is None:
+        return None
+    source = best[1]
+    source["manifest_sha256"] = sha256_file(source["manifest"])
+    return source
+
+
+def campaign_in_flight(
+    config: FederationConfig, *, exclude: str, active: Callable[[list[str]], int]
+) -> tuple[str, str] | None:
+    """Another campaign of this config whose next round is queued or running: ``(campaign,
+    run id)``, else None. ``active(run_ids)`` counts those runs that are queued or running.
+
+    A campaign is in flight when its last round has no manifest yet (that round's run), or
+    its last manifest says go on (the next round's run); a run that failed or never existed
+    is not active, so a failed campaign never holds the next one back.
+    """
+    candidates: list[tuple[str, str]] = []
+    for campaign_dir in _config_campaigns(config, exclude=exclude):
         rounds = round_dirs(campaign_dir)
         if not rounds:
             continue
-        manifest_path = rounds[-1][1] / MANIFEST
-        if not manifest_path.is_file():
-            continue
-        manifest = json.loads(manifest_path.read_text())
-        if not (manifest.get("decision") or {}).get("stop"):
-            continue
-        finished = manifest.get("finished_at") or ""
-        if best is None or finished > best[0]:
-            best = (finished, rounds[-1][1] / "global", manifest_path)
-    return (best[1], best[2]) if best else None
+        number, folder = rounds[-1]
+        manifest = _read_manifest(folder / MANIFEST)
+        if manifest is None:
+            candidates.append((campaign_dir.name, run_id(campaign_dir.name, number)))
+        elif not (manifest.get("decision") or {}).get("stop"):
+            candidates.append((campaign_dir.name, str(manifest.get("next_run_id") or run_id(campaign_dir.name, number + 1))))
+    if not candidates or not active([rid for _, rid in candidates]):
+        return None
+    return next(((name, rid) for name, rid in candidates if active([rid])), None)
 
 
 def training_command(config: FederationConfig, facility_name: str, remote: RemoteLayout) -> str:
@@ -100,6 +165,12 @@ def training_command(config: FederationConfig, facility_name: str, remote: Remot
     facility = config.facility(facility_name)
     model = f"{facility.workdir}/{remote.global_dir}"
     out = f"{facility.workdir}/{remote.local_dir}"
+    hyperparameters = config.training.hyperparameters
+    adapter = None
+    if config.training.peft is not None:  # the base model stays, the round's adapter trains
+        model, adapter = f"{facility.workdir}/{remote_base(remote)}", model
+        if config.aggregation.strategy == "lora-frozen-a":
+            hyperparameters = {**hyperparameters, "lora_train_a": False}
     if config.training.command:
         return config.training.command.format(
             python=shlex.quote(facility.python),
@@ -115,9 +186,27 @@ def training_command(config: FederationConfig, facility_name: str, remote: Remot
         model_dir=model,
         data_path=facility.data,
         out_dir=out,
-        hyperparameters=config.training.hyperparameters,
+        hyperparameters=hyperparameters,
         nproc_per_node=facility.nproc_per_node,
+        adapter_dir=adapter,
     )
+
+
+def remote_base(remote: RemoteLayout) -> str:
+    """Where a LoRA campaign keeps the base model at a facility, across its rounds."""
+    return f"{remote.campaign}/base"
+
+
+def initial_adapter_for(config: FederationConfig, layout: CampaignLayout) -> Path:
+    """The campaign's first global adapter (A from the training seed, B zero), made once."""
+    from xffl_tasks.adapter import LoraSettings, initial_adapter
+
+    folder = layout.campaign_dir / "initial-adapter"
+    if not (folder / "adapter_config.json").is_file():
+        peft = config.training.peft
+        settings = LoraSettings(r=peft.r, alpha=peft.alpha, dropout=peft.dropout, target_modules=tuple(peft.target_modules))
+        initial_adapter(Path(config.base_model), folder, settings, seed=int(config.training.hyperparameters.get("seed", 0)))
+    return folder
 
 
 def batch_preamble(config: FederationConfig, facility_name: str) -> list[str]:
@@ -138,9 +227,15 @@ def prepare_round(
     run_conf: dict[str, Any],
     run_type: str,
     logical_date: Any = None,
-) -> dict[str, Any]:
+    active_runs: Callable[[list[str]], int] | None = None,
+) -> dict[str, Any] | None:
     """Validates the config, the run's parameters and the round, resolves the input model,
     plans every facility.
+
+    Round 0 of a new campaign while another campaign of this config is in flight (its next
+    round queued or running; ``active_runs`` counts such runs) returns None, saying why: the
+    run is skipped (``prepare`` short-circuits), so two campaigns never interleave round by
+    round. A scheduled run that finds the DAG busy this way is skipped, not postponed.
 
     ``config_path`` is the DAG's own (fixed when the DAG is built, never a run parameter);
     ``run_conf`` is every key the run was given: the campaign, the round and the knobs the
@@ -181,23 +276,48 @@ def prepare_round(
             f"campaign {name}: round {round_number} cannot run again, later rounds exist ({max(later)}); "
             "start a new campaign instead"
         )
-    warm_manifest = None
+    warm = None
+    if round_number == 0 and active_runs is not None and not later:
+        busy = campaign_in_flight(config, exclude=name, active=active_runs)
+        if busy:
+            log.warning(
+                "skipping this run: campaign %s of this config is still running (its run %s is queued or "
+                "running); campaign %s would interleave with it round by round. Trigger it again when %s ends.",
+                busy[0], busy[1], name, busy[0],
+            )  # fmt: skip
+            return None
+    peft = config.training.peft is not None
     if round_number == 0:
         input_model = Path(config.base_model)
+        if peft:
+            layout.campaign_dir.mkdir(parents=True, exist_ok=True)
+            input_model = initial_adapter_for(config, layout)
         if config.warm_start:
-            found = latest_final_model(config, exclude=name)
-            if found:
-                input_model, warm_manifest = found
-                log.info("warm start from %s (manifest %s)", input_model, warm_manifest)
+            warm = warm_start_source(config, exclude=name)
+            if warm:
+                input_model = Path(warm["model"])
+                log.info(
+                    "warm start from campaign %s round %d (%s; manifest %s, sha256 %s)", warm["campaign"],
+                    warm["round"], "finished" if warm["finished"] else "unfinished", warm["manifest"],
+                    warm["manifest_sha256"],
+                )  # fmt: skip
+            else:
+                log.info("warm start: no finished campaign of this config yet; starting from the base model")
     else:
         input_model = layout.global_model(round_number - 1)
         if not layout.manifest(round_number - 1).is_file():
             raise RoundError(f"campaign {name}: round {round_number - 1} has no manifest; it did not finish")
-    if not (input_model / "config.json").is_file():
-        raise RoundError(f"campaign {name} round {round_number}: input model {input_model} is not a model folder")
+    marker = "adapter_config.json" if peft else "config.json"
+    if not (input_model / marker).is_file():
+        kind = "an adapter folder" if peft else "a model folder"
+        raise RoundError(f"campaign {name} round {round_number}: input model {input_model} is not {kind}")
     layout.round_dir(round_number).mkdir(parents=True, exist_ok=True)
     pushed_model = model_view(input_model, layout.round_dir(round_number) / "input")
     remote = RemoteLayout(name, round_number)
+    lora = None
+    if peft:  # pushed once per facility, kept there across rounds (unchanged files: a hash)
+        base_view = model_view(Path(config.base_model), layout.round_dir(round_number) / "base")
+        lora = {"base_model": config.base_model, "pushed_base": str(base_view), "remote_base": remote_base(remote)}
     facilities = {}
     for facility in config.facilities:
         facilities[facility.name] = {
@@ -222,8 +342,10 @@ def prepare_round(
         "round_dir": str(layout.round_dir(round_number)),
         "input_model": str(input_model),
         "pushed_model": str(pushed_model),
-        "warm_start_manifest": str(warm_manifest) if warm_manifest else None,
+        "warm_start_manifest": warm["manifest"] if warm else None,
+        "warm_start": warm,
         "required_facilities": config.required_facilities,
+        "peft": lora,
         "started_at": _now(),
         "facilities": facilities,
     }
@@ -248,8 +370,17 @@ def push_global(plan: dict[str, Any], facility: str) -> dict[str, Any]:
     """Pushes the round's input model to the facility (unchanged files cost only a hash)."""
     from xffl_airflow.transfer import push
 
+    base = None
+    if plan.get("peft"):  # the base model first: sent in full once, then only hashed
+        base = push(Path(plan["peft"]["pushed_base"]), _remote(plan, facility), plan["peft"]["remote_base"]).to_dict()
+        log.info(
+            "%s: base model %s in place (%d bytes sent, %d skipped)",
+            facility, plan["peft"]["base_model"], base["bytes_sent"], base["bytes_skipped"],
+        )  # fmt: skip
     report = push(Path(plan["pushed_model"]), _remote(plan, facility), plan["facilities"][facility]["remote_global"])
     result = report.to_dict()
+    if base is not None:
+        result["base"] = base
     log.info(
         "%s: pushed %s (%d bytes sent, %d skipped) in %.2f s",
         facility, plan["input_model"], result["bytes_sent"], result["bytes_skipped"], result["seconds"],
@@ -278,8 +409,13 @@ def pull_local(plan: dict[str, Any], facility: str) -> dict[str, Any]:
 
     try:
         metrics = read_metrics(target, facility)
-        previous = open_model_folder(Path(plan["input_model"]), label="the round's input model")
-        check_same_tensors(previous, open_model_folder(target, label=f"client {facility!r}"))
+        if plan.get("peft"):
+            from xffl_tasks.aggregate.lora import check_client_adapter
+
+            check_client_adapter(Path(plan["input_model"]), target, label=f"client {facility!r}")
+        else:
+            previous = open_model_folder(Path(plan["input_model"]), label="the round's input model")
+            check_same_tensors(previous, open_model_folder(target, label=f"client {facility!r}"))
     except AggregationError as error:
         aside = target.with_name(f"{target.name}.rejected")
         if aside.exists():
@@ -316,6 +452,19 @@ def _missing_reason(plan: dict[str, Any], facility: str) -> str:
             return f"rejected: {record['error']}"
         return f"{record['task_id']} failed after {record['try_number']} attempt(s): {record['error']}"
     return "its tasks did not finish"
+
+
+def pulled_hashes(pulled: dict[str, dict[str, Any] | None], participants: list[str]) -> dict[str, dict[str, Any]]:
+    """The sha256 the pulls verified, with each file's size and mtime then, by local path: the
+    aggregation takes them instead of reading the files again (a file changed since is hashed)."""
+    given: dict[str, dict[str, Any]] = {}
+    for name in participants:
+        transfer = pulled[name]["transfer"]
+        for relative, digest in transfer["files"].items():
+            stat = transfer.get("file_stats", {}).get(relative)
+            if stat:
+                given[str(Path(pulled[name]["path"]) / relative)] = {"sha256": digest, **stat}
+    return given
 
 
 def aggregate_round(plan: dict[str, Any] | None, pulled: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
@@ -358,6 +507,7 @@ def aggregate_round(plan: dict[str, Any] | None, pulled: dict[str, dict[str, Any
             options=config.aggregation.options or None,
             min_clients=plan["required_facilities"],
             max_weight_share=config.aggregation.max_weight_share,
+            input_hashes=pulled_hashes(pulled, participants),
         )
     except AggregationError as error:  # bad input does not pass on a retry
         raise RoundError(
@@ -400,8 +550,14 @@ def finalize_round(
     pulled: dict[str, dict[str, Any] | None],
     aggregated: dict[str, Any],
     run_id_value: str,
+    run_url: Callable[[str], str] | None = None,
 ) -> dict[str, Any]:
-    """Decides on convergence, writes the round's manifest and the campaign report."""
+    """Decides on convergence, writes the round's manifest and the campaign report.
+
+    Returns the decision, the next round's run id, conf and note (``run_url(run_id)`` links
+    runs in the log and the note), and ``global_model``: the extra of the asset event of the
+    campaign's global model (``xffl_airflow.federation.assets``).
+    """
     config = load_config(plan["config_path"], plan["overrides"] or None)
     layout = CampaignLayout(Path(plan["storage"]), plan["campaign"])
     round_number = plan["round"]
@@ -420,6 +576,7 @@ def finalize_round(
             "weight": weights.get(name),
             "job": trained.get(name),
             "push": _transfer_summary(pushed.get(name)),
+            "push_base": _transfer_summary((pushed.get(name) or {}).get("base")),
             "pull": _transfer_summary((pulled.get(name) or {}).get("transfer")),
             "metrics": metrics,
         }
@@ -447,6 +604,9 @@ def finalize_round(
         "model_files": next((p["files"] for p in pushed.values() if p and "files" in p), None),
         "clients": {n: p and (p.get("transfer") or {}).get("files") for n, p in pulled.items()},
     }
+    if plan.get("peft"):  # the frozen base model's files, beside the adapter's (model_files)
+        inputs["base_model"] = plan["peft"]["base_model"]
+        inputs["base_model_files"] = next((p["base"]["files"] for p in pushed.values() if p and p.get("base")), None)
     previous = layout.manifest(round_number - 1) if round_number > 0 else plan.get("warm_start_manifest")
     next_run = run_id(plan["campaign"], round_number + 1)
     manifest = {
@@ -475,8 +635,14 @@ def finalize_round(
         "decision": decision.to_dict(),
         "next_run_id": None if decision.stop else next_run,
     }
+    if round_number == 0 and plan.get("warm_start"):
+        manifest["warm_start"] = plan["warm_start"]  # the source campaign, round, manifest and its sha256
     path = write_manifest(round_dir, manifest, previous)
     log.info("round %d of %s: %s; manifest %s", round_number, plan["campaign"], decision.reason, path)
+    this_run = run_url(run_id_value) if run_url else None
+    next_url = run_url(next_run) if run_url else None
+    if not decision.stop:
+        log.info("next round: run %s%s", next_run, f" at {next_url}" if next_url else "")
     from xffl_airflow.federation.report import write_report
 
     # the table every round; the plot (matplotlib: about a second) when the campaign ends
@@ -488,6 +654,19 @@ def finalize_round(
         "manifest": str(path),
         "weighted_val_loss": loss,
         "next_run_id": next_run,
+        "next_note": round_note(plan["campaign"], round_number + 1, config.convergence.max_rounds,
+                                previous_run=run_id_value, previous_url=this_run, loss=loss),  # fmt: skip
+        "global_model": {
+            "campaign": plan["campaign"],
+            "round": round_number,
+            "run_id": run_id_value,
+            "path": str(layout.global_model(round_number)),
+            "manifest": str(path),
+            "sha256": outputs,
+            "weighted_val_loss": loss,
+            "weighted_val_loss_after": loss_after,
+            "decision": decision.to_dict(),
+        },
         "next_conf": {
             "campaign": plan["campaign"],
             "round": round_number + 1,
@@ -497,8 +676,24 @@ def finalize_round(
     }
 
 
+def round_note(campaign: str, round_number: int, max_rounds: int, *, previous_run: str | None = None,
+               previous_url: str | None = None, loss: float | None = None) -> str:
+    """The run note (Markdown, shown in the UI's run list and header): campaign and round, and
+    the run it continues."""
+    text = f"Campaign **{campaign}**, round {round_number} (at most {max_rounds})"
+    if previous_run:
+        link = f"[{previous_run}]({previous_url})" if previous_url else f"`{previous_run}`"
+        text += f"; continues {link}"
+        if loss is not None:
+            text += f" (weighted validation loss {loss:.4f})"
+    return text
+
+
 def _transfer_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
     if not report:
         return None
     keys = ("seconds", "bytes_total", "bytes_sent", "bytes_skipped", "files_skipped", "mbps", "retries")
-    return {k: report.get(k) for k in keys}
+    summary = {k: report.get(k) for k in keys}
+    if isinstance(report.get("files"), dict):  # which files this transfer covered (sent or skipped)
+        summary["files"] = sorted(report["files"])
+    return summary

@@ -230,7 +230,7 @@ class SlurmOperator(BaseOperator):
                     report = job_report(
                         job, conn_id=self.ssh_conn_id, log_path=ref.get("log_path"), tz=tz
                     )
-                    _mark_reported(store, ref["job_id"])
+                    _mark_reported(store, ref["job_id"], report.get("cluster"))
                     return report
             except FacilityConnectionError as error:
                 if error.retryable:
@@ -397,10 +397,12 @@ class SlurmOperator(BaseOperator):
     def _ref(
         self, job_id: str, cluster: str | None, log_path: str | None, spec: JobSpec
     ) -> dict[str, Any]:
+        # sbatch names the cluster only on a multi-cluster site: an unknown one is left out
+        # (never ``null``), and the job's end fills it in from Slurm's report
         return {
             "job_id": job_id,
             "conn_id": self.ssh_conn_id,
-            "cluster": cluster,
+            **({"cluster": cluster} if cluster else {}),
             "log_path": log_path,
             "job_name": spec.job_name,
             "submitted_at": datetime.now(UTC).isoformat(),
@@ -418,7 +420,7 @@ class SlurmOperator(BaseOperator):
             "Slurm job %s ended %s: queued %s s, ran %s s", report["job_id"], report["state"],
             report["queue_wait_s"], report["run_s"],
         )  # fmt: skip
-        _mark_reported(context.get("task_state_store"), str(report["job_id"]))
+        _mark_reported(context.get("task_state_store"), str(report["job_id"]), report.get("cluster"))
         return report
 
     def on_kill(self) -> None:
@@ -446,11 +448,13 @@ def _job_number(job_id: str) -> int:
     return int(re.match(r"\d+", job_id).group(0))
 
 
-def _mark_reported(store: Any, job_id: str) -> None:
-    """Records in the store that ``job_id``'s success went to the task's result (XCom)."""
+def _mark_reported(store: Any, job_id: str, cluster: str | None = None) -> None:
+    """Records in the store that ``job_id``'s success went to the task's result (XCom), and
+    the cluster it ran on when sbatch did not say."""
     stored = store.get(STATE_KEY) if store is not None else None
     if isinstance(stored, dict) and stored.get("job_id") == job_id:
-        store.set(STATE_KEY, {**stored, "reported": True})
+        known = {"cluster": cluster} if cluster and not stored.get("cluster") else {}
+        store.set(STATE_KEY, {**stored, **known, "reported": True})
 
 
 def _task_tag(context: Context, task_id: str) -> TaskTag:

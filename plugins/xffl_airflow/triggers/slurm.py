@@ -9,6 +9,7 @@ Thin by design: its state is its constructor arguments (JSON-safe, returned by
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -27,6 +28,23 @@ from xffl_airflow.slurm.states import Phase, SlurmJob
 # A job no source knows for this long is reported as an error (never as failed).
 DEFAULT_LOST_AFTER = 600.0
 CANCEL_TIMEOUT = 60.0
+# A job log line's own leading time stamp (``2026-12-04 15:33:49,649 ``, ISO ``...T...Z``): the
+# task log stamps every line already, so the job's own is dropped (the job log keeps it).
+_LINE_STAMP = re.compile(r"^\[?\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?\]?\s+")
+
+
+class SlurmJobEvent(TriggerEvent):
+    """The trigger's one event; its ``repr`` (what the triggerer logs as "Trigger fired event")
+    is the event's message, not the whole payload with its log tail."""
+
+    def __repr__(self) -> str:
+        payload = self.payload if isinstance(self.payload, dict) else {}
+        return f"SlurmJobEvent<{payload.get('status')}: {payload.get('message')}>"
+
+
+def job_log_line(line: str) -> str:
+    """A job log line as the task log shows it: without the line's own time stamp."""
+    return _LINE_STAMP.sub("", line, count=1)
 
 
 class SlurmJobTrigger(BaseTrigger):
@@ -113,7 +131,7 @@ class SlurmJobTrigger(BaseTrigger):
             event = self._event(
                 "error", f"watching the job failed: {type(error).__name__}: {error}"
             )
-        yield TriggerEvent(event)
+        yield SlurmJobEvent(event)
 
     async def _wait_for_end(self) -> dict[str, Any]:
         poller = poller_for(self.ssh_conn_id, login=self._login)
@@ -142,7 +160,7 @@ class SlurmJobTrigger(BaseTrigger):
                         last,
                     )
                 for line in update.log_lines:
-                    self.log.info("[job %s] %s", self.job_id, line)
+                    self.log.info("[job %s] %s", self.job_id, job_log_line(line))
                 if update.fatal:
                     return self._event("error", f"cannot reach Slurm: {update.fatal}", last)
                 if update.problem:
@@ -169,11 +187,9 @@ class SlurmJobTrigger(BaseTrigger):
                 if update.job is not None and (update.job.state, update.job.reason) != shown_state:
                     shown_state = (update.job.state, update.job.reason)
                     self.log.info(
-                        "Slurm job %s is %s (reason %s)",
-                        self.job_id,
-                        update.job.state,
-                        update.job.reason,
-                    )
+                        "Slurm job %s is %s%s", self.job_id, update.job.state,
+                        f" (reason {update.job.reason})" if update.job.reason else "",
+                    )  # fmt: skip
                 if update.final and update.job is not None:
                     success = update.job.phase is Phase.SUCCESS
                     return self._event(

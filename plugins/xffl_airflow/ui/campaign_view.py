@@ -57,7 +57,6 @@ def facility_rows(manifests: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row = dict(row)
         if row["facility"] == GLOBAL:
             row.update(weight=None, push_mbps=None, pull_mbps=None, reason=None)
-            row["aggregation_s"], row["pull_s"] = row["pull_s"], None  # report keeps it under pull_s
         else:
             facility = (manifest.get("facilities") or {}).get(row["facility"]) or {}
             reason = facility.get("reason") or (manifest.get("missing") or {}).get(row["facility"])
@@ -66,7 +65,6 @@ def facility_rows(manifests: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 push_mbps=_get(facility, "push", "mbps"),
                 pull_mbps=_get(facility, "pull", "mbps"),
                 reason=reason,
-                aggregation_s=None,
             )
         rows.append(row)
     return rows
@@ -353,6 +351,20 @@ def verification_block(problems: Sequence[str] | None, *, rounds: int, files_che
     return status
 
 
+def lineage_line(manifests: Sequence[dict[str, Any]], campaigns: Sequence[tuple[str, str]] = ()) -> str:
+    """"warm-started from <campaign> round N" when round 0 records a warm start, else ""."""
+    first = next((m for m in manifests if m.get("round") == 0), None) or {}
+    source = first.get("warm_start")
+    if not isinstance(source, dict) or not source.get("campaign"):
+        return ""
+    name, links = str(source["campaign"]), dict(campaigns)
+    shown = f'<a href="{_e(links[name])}">{_e(name)}</a>' if name in links else _e(name)
+    finished = "" if source.get("finished", True) else " (an unfinished campaign)"
+    sha = _e(str(source.get("manifest_sha256") or "")[:12])
+    return (f'<p id="lineage">warm-started from {shown} round {_e(source.get("round"))}{finished}'
+            f' <span class="muted">(manifest sha256 {sha}…)</span></p>')  # fmt: skip
+
+
 def render_page(
     *,
     dag_id: str,
@@ -387,6 +399,7 @@ def render_page(
 <h1 id="title">campaign <span id="campaign">{_e(campaign)}</span> <span class="muted">(DAG {_e(dag_id)})</span></h1>
 {nav}
 <p id="state">{_e(state)}</p>
+{lineage_line(manifests, campaigns)}
 {verification_block(problems, rounds=len(summaries), files_checked=files_checked, files_link=files_link)}
 <h2>charts</h2>
 <div class="charts">{loss_chart(rows)}{timing_chart(rows)}</div>

@@ -42,8 +42,16 @@ def test_rows_table_and_plot(tmp_path):
         (0, "czechia"), (0, "italy"), (0, "(global)"), (1, "czechia"), (1, "italy"), (1, "(global)")
     ]
     assert rows[2]["loss_before"] == 6.5 and rows[5]["status"] == "stop" and rows[5]["samples"] == 200
+    # the aggregation's seconds have a column of their own, not the global row's "pull s"
+    assert (rows[2]["aggregation_s"], rows[2]["pull_s"]) == (1.5, None)
+    assert (rows[0]["aggregation_s"], rows[0]["pull_s"]) == (None, 0.5)
     table = render_table(rows)
     assert "loss before" in table.splitlines()[0]
+    import re
+
+    titles = re.split(r"\s{2,}", table.splitlines()[0].strip())
+    global_row = dict(zip(titles, re.split(r"\s{2,}", next(line for line in table.splitlines() if "(global)" in line).strip()), strict=True))
+    assert (global_row["pull s"], global_row["agg s"]) == ("-", "1.50")
     assert "4.0000" in table and "(global)" in table
     text, txt, png = write_report(campaign)
     assert text == table and txt.read_text().strip() == table

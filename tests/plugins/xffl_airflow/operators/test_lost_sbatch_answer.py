@@ -111,3 +111,18 @@ def test_a_bad_login_environment_is_refused_at_parse_time(login, words):
     with pytest.raises(SlurmConfigError, match=words.replace("[", r"\[").replace("$", r"\$")
                        .replace("(", r"\(").replace(")", r"\)")):  # fmt: skip
         SlurmOperator(task_id="t", ssh_conn_id="site1", command="true", remote_workdir="w", **login)
+
+
+def test_a_cluster_sbatch_did_not_name_is_left_out_then_filled_in_at_the_end(monkeypatch):
+    """Never ``cluster: null`` in the task's state store: left out until the job's report says."""
+    store = MemoryStateStore()
+    hook = FakeHook([], garbled=False)  # sbatch --parsable answered "100": no cluster
+    trigger = run(hook, store, monkeypatch)
+    assert "cluster" not in store.get(STATE_KEY) and store.get(STATE_KEY)["job_id"] == trigger.job_id
+    op = SlurmOperator(task_id="train", ssh_conn_id="site1", command="true", remote_workdir="w", job_name="lost.train")
+    event = {"status": "success", "job_id": trigger.job_id, "message": "ended COMPLETED", "conn_id": "site1",
+             "cluster": "site1", "state": "COMPLETED", "exit_code": "0:0", "reason": None, "queue_wait_s": 0.0,
+             "run_s": 1.0, "log_path": "/w/x.log", "log_tail": []}  # fmt: skip
+    report = op.execute_complete(task_context("train", dag_id="lost", run_id="manual__1", store=store), event)
+    assert report["cluster"] == "site1"
+    assert store.get(STATE_KEY)["cluster"] == "site1" and store.get(STATE_KEY)["reported"] is True

@@ -213,3 +213,15 @@ def test_the_view_verifies_with_the_same_code_as_the_command(demo_dag):
     (folder / "round-0002" / "manifest.json").write_text("{not json")
     assert [m["round"] for m in campaigns.read_manifests(folder)] == [0, 1]
     assert json.dumps(verify_campaign(folder, check_files=False)).count("round-0002") >= 1
+
+
+def test_a_warm_started_campaign_shows_where_it_came_from():
+    from xffl_airflow.ui.campaign_view import lineage_line
+
+    source = {"campaign": "sched-20260101t0000", "round": 1, "finished": True, "manifest_sha256": "ab" * 32}
+    line = lineage_line([{"round": 0, "warm_start": source}], [("sched-20260101t0000", "/xffl/dags/d/campaigns/x")])
+    assert 'id="lineage"' in line and "warm-started from" in line and "round 1" in line
+    assert '<a href="/xffl/dags/d/campaigns/x">sched-20260101t0000</a>' in line
+    assert lineage_line([{"round": 0}]) == ""
+    hostile = lineage_line([{"round": 0, "warm_start": {**source, "campaign": "<script>", "finished": False}}])
+    assert "<script>" not in hostile and "&lt;script&gt;" in hostile and "unfinished" in hostile
