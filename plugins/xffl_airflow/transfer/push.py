@@ -44,25 +44,34 @@ class PushRun(TransferRun):
             {self.remote_dir} | {posixpath.dirname(self.final_path(f)) for f in todo}
         ):
             await session.make_dirs(folder)
-        inspected = await run_all(
-            [lambda f=f: self.inspect(session, f) for f in todo], self.options.max_files
-        )
-        to_send = [(f, part) for f, (skip, part) in zip(todo, inspected) if not skip]
-        self.start_progress(sum(f.size for f, _ in to_send))
-        await self.check_space(session, to_send)
+        # the free space is asked while the files are inspected: a round trip less
+        free = asyncio.ensure_future(session.free_bytes(self.remote_dir))
+        try:
+            inspected = await run_all(
+                [lambda f=f: self.inspect(session, f) for f in todo], self.options.max_files
+            )
+            to_send = [(f, part) for f, (skip, part) in zip(todo, inspected) if not skip]
+            self.start_progress(sum(f.size for f, _ in to_send))
+            self.check_space(to_send, await free)
+        finally:
+            free.cancel()
+            await asyncio.gather(free, return_exceptions=True)
         await run_all(
-            [lambda f=f: self.push_file(session, f) for f, _ in to_send], self.options.max_files
-        )
+            [lambda f=f, part=part: self.push_file(session, f, part_absent=part is None)
+             for f, part in to_send],
+            self.options.max_files,
+        )  # fmt: skip
 
-    async def inspect(self, session: FacilitySession, item: LocalFile) -> tuple[bool, int]:
+    async def inspect(self, session: FacilitySession, item: LocalFile) -> tuple[bool, int | None]:
         """Whether the facility already holds this file (same sha256), and the size of its
-        unfinished copy if there is one."""
+        unfinished copy (None: nothing under the temporary name)."""
         final = self.final_path(item)
-        part = await session.lstat(part_path(final))
-        part_size = (
-            (part.size or 0) if part is not None and stat.S_ISREG(part.permissions or 0) else 0
+        part, attrs = await asyncio.gather(  # one round trip, not two
+            session.lstat(part_path(final)), session.lstat(final)
         )
-        attrs = await session.lstat(final)
+        part_size = (
+            None if part is None else (part.size or 0) if stat.S_ISREG(part.permissions or 0) else 0
+        )
         if attrs is None:
             return False, part_size
         if stat.S_ISLNK(attrs.permissions or 0):
@@ -97,13 +106,8 @@ class PushRun(TransferRun):
             await session.remove(part_path(final))  # an unfinished copy of what is already there
         return True, 0
 
-    async def check_space(
-        self, session: FacilitySession, to_send: list[tuple[LocalFile, int]]
-    ) -> None:
-        need = sum(max(0, f.size - part) for f, part in to_send)
-        if not need:
-            return
-        free = await session.free_bytes(self.remote_dir)
+    def check_space(self, to_send: list[tuple[LocalFile, int | None]], free: int | None) -> None:
+        need = sum(max(0, f.size - (part or 0)) for f, part in to_send)
         if free is not None and free < need:
             raise TransferError(
                 self.facility.name,
@@ -111,11 +115,17 @@ class PushRun(TransferRun):
                 path=self.remote_dir,
             )
 
-    async def push_file(self, session: FacilitySession, item: LocalFile) -> None:
+    async def push_file(
+        self, session: FacilitySession, item: LocalFile, *, part_absent: bool = False
+    ) -> None:
+        """``part_absent``: the inspection just found no unfinished copy (no need to look again)."""
         final = self.final_path(item)
         part = part_path(final)
         for sending in range(self.options.retries + 1):
-            start, digest = await self.resume_point(session, item, part)
+            if sending == 0 and part_absent:
+                start, digest = 0, self.fresh_digest()
+            else:
+                start, digest = await self.resume_point(session, item, part)
             self.restart_at(item.relative, start)
             theirs = await self.send(session, item, part, start, digest)
             ours = digest.hexdigest()
@@ -169,6 +179,7 @@ class PushRun(TransferRun):
                 name, f"cannot read local file {item.path}: {error.strerror}", path=str(item.path)
             ) from None
         hasher = None
+        finishing: asyncio.Future | None = None
         try:
             self.check_unchanged(fd, item, "since the folder was scanned")
             remotes = await session.open_file(part, write=True, truncate=start == 0)
@@ -186,6 +197,9 @@ class PushRun(TransferRun):
                         )  # fmt: skip
                         if self.options.fsync:
                             await remotes[0].fsync()
+                        # every write is acknowledged: the digest is asked for while the
+                        # handles close (a round trip less)
+                        finishing = asyncio.ensure_future(hasher.finish(item.size))
                     except asyncssh.SFTPFailure as failure:
                         await self.explain_write_failure(session, part, item, failure.reason)
             except SourceChanged as error:
@@ -197,10 +211,15 @@ class PushRun(TransferRun):
             finally:
                 await close_quietly(remotes)
             self.check_unchanged(fd, item, "while being sent")
-            theirs = await hasher.finish(item.size)
+            assert finishing is not None
+            theirs = await finishing
             hasher = None
             return theirs
         finally:
+            if finishing is not None and not finishing.done():
+                finishing.cancel()
+            if finishing is not None:
+                await asyncio.gather(finishing, return_exceptions=True)
             if hasher is not None:
                 await hasher.abort()
             os.close(fd)

@@ -243,25 +243,30 @@ class FacilitySession:
     async def open_file(
         self, path: str, *, write: bool, truncate: bool = False
     ) -> list[asyncssh.SFTPClientFile]:
-        """``path`` opened on every channel (binary, one request per call); creates it for writing."""
+        """``path`` opened on every channel (binary, one request per call); creates it for writing.
+
+        The channels open it at once (one round trip, not one per channel): each may create the
+        file, and only the first truncates it; no data is written before all are open.
+        """
         first = (
             asyncssh.FXF_WRITE | asyncssh.FXF_CREAT | (asyncssh.FXF_TRUNC if truncate else 0)
             if write
             else asyncssh.FXF_READ
         )
-        rest = asyncssh.FXF_WRITE if write else asyncssh.FXF_READ
-        handles: list[asyncssh.SFTPClientFile] = []
-        try:
-            with self.translate("write" if write else "read", path):
-                for index, channel in enumerate(self.channels):
-                    handles.append(
-                        await channel.open(
-                            path, rest if index else first, encoding=None, block_size=0
-                        )
-                    )
-        except BaseException:
+        rest = asyncssh.FXF_WRITE | asyncssh.FXF_CREAT if write else asyncssh.FXF_READ
+        opened = await asyncio.gather(
+            *(
+                channel.open(path, rest if index else first, encoding=None, block_size=0)
+                for index, channel in enumerate(self.channels)
+            ),
+            return_exceptions=True,
+        )
+        handles = [h for h in opened if isinstance(h, asyncssh.SFTPClientFile)]
+        errors = [e for e in opened if isinstance(e, BaseException)]
+        if errors:
             await close_quietly(handles)
-            raise
+            with self.translate("write" if write else "read", path):
+                raise errors[0]
         return handles
 
     async def remove(self, path: str) -> None:
@@ -309,9 +314,12 @@ async def shell_stdout(conn: asyncssh.SSHClientConnection, options: TransferOpti
 
 async def close_quietly(handles: list[asyncssh.SFTPClientFile]) -> None:
     """Closes remote file handles; when the link is gone they went with it, so errors are moot."""
-    for handle in handles:
-        with contextlib.suppress(asyncssh.Error, OSError):
+
+    async def close(handle: asyncssh.SFTPClientFile) -> None:
+        with contextlib.suppress(asyncssh.Error, OSError, TimeoutError):
             await asyncio.wait_for(handle.close(), 10)
+
+    await asyncio.gather(*(close(handle) for handle in handles))  # one round trip for all
 
 
 class GrowingHash:
