@@ -32,7 +32,7 @@ from xffl_tasks.aggregate.lora_options import ADAPTER_STRATEGIES
 from xffl_tasks.aggregate.model_folder import ModelFolder, check_same_tensors, open_model_folder
 from xffl_tasks.aggregate.report import REPORT_FILE, build_report
 from xffl_tasks.aggregate.server_state import ServerState, open_server_state
-from xffl_tasks.aggregate.staging import check_absent, staged_folder
+from xffl_tasks.aggregate.staging import check_absent, check_output_location, staged_folder
 from xffl_tasks.aggregate.strategies import Strategy, make_strategy
 from xffl_tasks.aggregate.weights import (
     ClientWeight,
@@ -46,13 +46,6 @@ from xffl_tasks.aggregate.weights import (
 logger = logging.getLogger(__name__)
 
 PREVIOUS_LABEL = "previous global model"
-
-
-def _check_output_location(out: Path, inputs: Sequence[Path]) -> None:
-    resolved = out.resolve()
-    for folder in inputs:
-        if resolved.is_relative_to(folder.resolve()):
-            raise AggregationError(f"output folder {out} lies inside the input folder {folder}")
 
 
 @contextmanager
@@ -234,7 +227,7 @@ def aggregate(
     min_clients = _check_min_clients(min_clients, len(client_paths))
     check_share(max_weight_share)
     check_absent(out)
-    _check_output_location(out, [previous, *client_paths])
+    check_output_location(out, [previous, *client_paths])
     make_strategy(strategy, options=options, num_clients=len(client_paths))
     book = (
         input_hashes

@@ -52,7 +52,7 @@ from xffl_tasks.aggregate.metrics import METRICS_FILE
 from xffl_tasks.aggregate.model_folder import refuse_pickles
 from xffl_tasks.aggregate.report import REPORT_FILE, REPORT_FORMAT, cosine
 from xffl_tasks.aggregate.safetensors_format import HeaderError, SafetensorsHeader, read_header
-from xffl_tasks.aggregate.staging import check_absent, staged_folder
+from xffl_tasks.aggregate.staging import check_absent, check_output_location, staged_folder
 from xffl_tasks.aggregate.weights import (
     ClientWeight,
     check_given_weights,
@@ -215,9 +215,7 @@ def aggregate_adapters(
     min_clients = _check_min_clients(min_clients, len(paths))
     check_share(max_weight_share)
     check_absent(out)
-    for folder in [previous, *paths]:
-        if out.resolve().is_relative_to(folder.resolve()):
-            raise AggregationError(f"output folder {out} lies inside the input folder {folder}")
+    check_output_location(out, [previous, *paths])
     resolved = check_adapter_options(strategy, dict(options or {}))
     given = check_given_weights(names, weights) if weights is not None else None
     label = "previous adapter"

@@ -4,7 +4,7 @@ federation's ``aggregation`` block with them)."""
 from __future__ import annotations
 
 from xffl_tasks.aggregate.errors import AggregationError
-from xffl_tasks.aggregate.strategy_options import OptionSpec
+from xffl_tasks.aggregate.strategy_options import OptionSpec, checked_options
 
 #: Strategies for LoRA adapter folders (``xffl_tasks.aggregate.lora``).
 ADAPTER_STRATEGIES = ("lora-fedavg", "lora-exact", "lora-frozen-a")
@@ -36,12 +36,4 @@ def check_adapter_options(strategy: str, options: dict[str, object]) -> dict[str
         raise AggregationError(
             f"strategy {strategy!r} is not an adapter strategy ({', '.join(ADAPTER_STRATEGIES)})"
         )
-    known = {spec.name: spec for spec in ADAPTER_OPTION_SPECS[strategy]}
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise AggregationError(
-            f"option {unknown[0]!r} is not an option of {strategy} (accepted: {', '.join(known)})"
-        )
-    return {
-        name: spec.check(strategy, options.get(name, spec.default)) for name, spec in known.items()
-    }
+    return checked_options(strategy, ADAPTER_OPTION_SPECS[strategy], options, defaults=True)

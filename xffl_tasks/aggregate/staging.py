@@ -12,7 +12,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,6 +76,14 @@ def _umask() -> int:
 def check_absent(out: Path) -> None:
     if os.path.lexists(out):
         raise AggregationError(f"output folder {out} already exists: give a new --out")
+
+
+def check_output_location(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuses an output folder that lies inside one of the input folders."""
+    resolved = out.resolve()
+    for folder in inputs:
+        if resolved.is_relative_to(folder.resolve()):
+            raise AggregationError(f"output folder {out} lies inside the input folder {folder}")
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from xffl_tasks.aggregate.errors import AggregationError
@@ -93,11 +94,25 @@ def check_options(strategy: str, options: dict[str, object]) -> dict[str, float]
         raise AggregationError(
             f"strategy {strategy!r} is unknown: choose one of {', '.join(OPTION_SPECS)}"
         )
-    known = {spec.name: spec for spec in OPTION_SPECS[strategy]}
+    return checked_options(strategy, OPTION_SPECS[strategy], options)
+
+
+def checked_options(
+    strategy: str,
+    specs: tuple[OptionSpec, ...],
+    options: Mapping[str, object],
+    *,
+    defaults: bool = False,
+) -> dict[str, float]:
+    """``options`` checked against ``specs``: known names, finite, in range. With ``defaults``,
+    every spec's value (given or defaulted); else only the given ones."""
+    known = {spec.name: spec for spec in specs}
     unknown = sorted(set(options) - set(known))
     if unknown:
         accepted = ", ".join(known) or "none"
         raise AggregationError(
             f"option {unknown[0]!r} is not an option of {strategy} (accepted: {accepted})"
         )
+    if defaults:
+        return {name: spec.check(strategy, options.get(name, spec.default)) for name, spec in known.items()}
     return {name: known[name].check(strategy, value) for name, value in options.items()}

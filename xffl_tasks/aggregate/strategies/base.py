@@ -16,8 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from xffl_tasks.aggregate.errors import AggregationError
-from xffl_tasks.aggregate.strategy_options import OptionSpec
+from xffl_tasks.aggregate.strategy_options import OptionSpec, checked_options
 
 
 class Strategy:
@@ -37,18 +36,7 @@ class Strategy:
     scratch_per_client: ClassVar[int] = 0
 
     def __init__(self, *, options: Mapping[str, float] | None = None, num_clients: int):
-        options = dict(options or {})
-        known = {spec.name: spec for spec in self.option_specs}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            accepted = ", ".join(known) or "none"
-            raise AggregationError(
-                f"option {unknown[0]!r} is not an option of {self.name} (accepted: {accepted})"
-            )
-        self.options = {
-            name: spec.check(self.name, options.get(name, spec.default))
-            for name, spec in known.items()
-        }
+        self.options = checked_options(self.name, self.option_specs, dict(options or {}), defaults=True)
         self.num_clients = num_clients
 
     def combine(self, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
