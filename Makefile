@@ -26,7 +26,7 @@ LORA ?=
 # campaign view: chromium and its chromedriver) need from Debian.
 SYSTEM_PACKAGES_STAMP := $(VENV)/.system-packages
 export XFFL_FACILITY_PYTHON := $(FACILITY_VENV)/bin/python
-export XFFL_EXTRA_SYSTEM_PACKAGES ?= postgresql chromium chromium-driver
+export XFFL_EXTRA_SYSTEM_PACKAGES ?= postgresql redis-server chromium chromium-driver
 # pip's "Location ... is ignored" notes about local mirrors are noise.
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither" >&2)
 

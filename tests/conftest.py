@@ -101,7 +101,7 @@ def install_dag(airflow_instance):
 
     def install(path: str | Path, dag_id: str):
         shutil.copy(path, _DAGS / Path(path).name)
-        airflow_instance.wait_for_dag(dag_id, timeout=180)
+        airflow_instance.wait_for_dag(dag_id, timeout=180, dag_file=_DAGS / Path(path).name)
         return airflow_instance
 
     return install

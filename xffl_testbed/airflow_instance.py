@@ -1,8 +1,13 @@
 """A real Airflow for tests and the demo: api-server, scheduler, dag-processor and triggerer,
 each an ``airflow`` process of its own, started in its own session and stopped by PID.
 
-The embedded default is SQLite with the LocalExecutor; pass ``sql_alchemy_conn`` for another
-metadata database. Ports are picked free, so two instances on one machine never meet.
+The embedded default is SQLite with the preloading LocalExecutor; pass ``sql_alchemy_conn`` for
+another metadata database. With ``executor="celery"`` (a PostgreSQL database and a Redis broker
+needed) the instance also has Celery workers, ``celery-worker-1``, ``celery-worker-2``...,
+each an ``airflow celery worker`` of its own with its own Celery node name and task hostname.
+The settings every component shares come from ``docker/config/airflow.env``, the file the
+compose deployment reads too (``xffl_testbed.airflow_settings``); the instance adds only what is
+host-specific. Ports are picked free, so two instances on one machine never meet.
 """
 
 from __future__ import annotations
@@ -20,22 +25,47 @@ from pathlib import Path
 
 import httpx
 
+from xffl_testbed.airflow_settings import load_settings
 from xffl_testbed.processes import terminate, with_descendants
 
 REPO = Path(__file__).resolve().parent.parent
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
+CELERY_WORKER = "celery-worker"
+EXECUTORS = ("local", "celery")
 
-# Round latency settings measured on a 2-core machine (docs/airflow-latency.md): the idle
-# sleep of 0.2 s gave the same round overhead as 0.05 s at a sixth of the idle CPU.
-LATENCY_SETTINGS = {
-    "AIRFLOW__SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": "0.2",
-    "AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL": "1",
-    "AIRFLOW__SCHEDULER__MAX_TIS_PER_QUERY": "0",
-    "AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "64",
-}
+# The shared settings (docker/config/airflow.env), by group.
+SETTINGS = load_settings()
+# Round latency settings measured on a 2-core machine (docs/airflow-latency.md).
+LATENCY_SETTINGS = SETTINGS["latency"]
 # The LocalExecutor whose task processes fork with torch and the DAG's imports already loaded
 # (docs/deployment.md): 0.5 to 3 s less per task.
 EXECUTOR = "xffl_airflow.executors.preloading.PreloadingLocalExecutor"
+# ``[core] hostname_callable`` of the Celery workers: each records its own name as the task
+# instance's hostname, so two workers on one machine can be told apart.
+HOSTNAME_CALLABLE = "xffl_testbed.airflow_instance.component_hostname"
+
+
+def component_hostname() -> str:
+    """``<component>.<fqdn>`` in a component that sets ``XFFL_AIRFLOW_COMPONENT``, else the
+    FQDN (what Airflow records by default)."""
+    fqdn = socket.getfqdn()
+    component = os.environ.get("XFFL_AIRFLOW_COMPONENT")
+    return f"{component}.{fqdn}" if component else fqdn
+
+
+def celery_worker_args(name: str, *, concurrency: int, pid_file: Path) -> list[str]:
+    """The ``airflow`` arguments of one Celery worker: its own node name and PID file; no log
+    server (its task logs are files in the instance's home, which the api-server reads), no
+    gossip or start-up mingling between workers (CPU for nothing on a small machine)."""
+    return [
+        "celery", "worker",
+        "--celery-hostname", f"{name}@%h",
+        "--concurrency", str(concurrency),
+        "--pid", str(pid_file),
+        "--skip-serve-logs",
+        "--without-gossip",
+        "--without-mingle",
+    ]  # fmt: skip
 
 
 class AirflowError(RuntimeError):
@@ -57,6 +87,12 @@ class AirflowInstance:
     :param sql_alchemy_conn: metadata database URL; default a SQLite file in ``home``.
     :param parallelism: ``[core] parallelism``, LocalExecutor worker processes.
     :param latency: apply ``LATENCY_SETTINGS``.
+    :param executor: ``local`` (the preloading LocalExecutor) or ``celery`` (the CeleryExecutor
+        with the shared ``executor``, ``workers`` and ``celery`` settings; needs a database
+        other than SQLite and ``broker_url``).
+    :param broker_url: the Celery broker (``xffl_testbed.redis_server.RedisServer.url``).
+    :param celery_workers: how many Celery worker components (``celery-worker-1``...).
+    :param worker_concurrency: task slots per Celery worker.
     """
 
     def __init__(
@@ -69,7 +105,25 @@ class AirflowInstance:
         parallelism: int = 8,
         latency: bool = True,
         username: str = "admin",
+        executor: str = "local",
+        broker_url: str | None = None,
+        celery_workers: int = 2,
+        worker_concurrency: int = 2,
     ):
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+        if executor == "celery":
+            if not broker_url:
+                raise ValueError("executor 'celery' needs broker_url (a Redis URL)")
+            if (sql_alchemy_conn or "sqlite").startswith("sqlite"):
+                raise ValueError("executor 'celery' needs a metadata database other than SQLite")
+            if celery_workers < 1 or worker_concurrency < 1:
+                raise ValueError("celery_workers and worker_concurrency must be at least 1")
+        self.executor = executor
+        self.worker_concurrency = worker_concurrency
+        workers = tuple(f"{CELERY_WORKER}-{n}" for n in range(1, celery_workers + 1))
+        self.components = COMPONENTS + (workers if executor == "celery" else ())
+        self._log_offsets: dict[str, int] = {}
         self.home = Path(home).resolve()
         self.home.mkdir(parents=True, exist_ok=True)
         (self.home / "logs").mkdir(exist_ok=True)
@@ -86,7 +140,9 @@ class AirflowInstance:
         passwords.chmod(0o600)
         bin_dir = str(Path(sys.executable).parent)
         # This checkout's code first (plugins/ holds xffl_airflow), whatever the venv points at.
-        pythonpath = [str(REPO / "plugins"), str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(":") if p]
+        pythonpath = [str(REPO / "plugins"), str(REPO)] + [
+            p for p in os.environ.get("PYTHONPATH", "").split(":") if p
+        ]
         self.env = {
             **os.environ,
             "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
@@ -113,41 +169,77 @@ class AirflowInstance:
             "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
             "PYTHONUNBUFFERED": "1",
         }
+        self.env.update(SETTINGS["common"])
+        if executor == "celery":
+            for group in ("executor", "workers", "celery"):
+                self.env.update(SETTINGS[group])
+            self.env.update(
+                {
+                    "AIRFLOW__CELERY__BROKER_URL": broker_url,
+                    "AIRFLOW__CELERY__RESULT_BACKEND": f"db+{self.sql_alchemy_conn}",
+                    "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(worker_concurrency),
+                }
+            )
         if latency:
             self.env.update(LATENCY_SETTINGS)
         self.env.update(env or {})
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def airflow(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    def airflow(
+        self, *args: str, timeout: float = 600, check: bool = True
+    ) -> subprocess.CompletedProcess:
         """Runs one ``airflow`` CLI command against this instance."""
         result = subprocess.run(
-            [self._airflow_bin(), *args], env=self.env, capture_output=True, text=True, timeout=timeout
+            [self._airflow_bin(), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and result.returncode != 0:
-            raise AirflowError(f"airflow {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+            raise AirflowError(
+                f"airflow {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}"
+            )
         return result
 
     def migrate(self) -> None:
         self.airflow("db", "migrate")
 
-    def start(self, components: tuple[str, ...] = COMPONENTS, *, timeout: float = 120) -> None:
-        for component in components:
+    def start(self, components: tuple[str, ...] | None = None, *, timeout: float = 120) -> None:
+        """Starts ``components`` (default: all of this instance's) and waits until healthy."""
+        for component in self.components if components is None else components:
             self.start_component(component)
         self.wait_until_healthy(timeout=timeout)
 
     def start_component(self, component: str) -> int:
-        if component not in COMPONENTS:
-            raise ValueError(f"unknown Airflow component {component!r}; one of {COMPONENTS}")
+        if component not in self.components:
+            raise ValueError(f"unknown Airflow component {component!r}; one of {self.components}")
         if component in self.processes and self.processes[component].poll() is None:
             raise AirflowError(f"{component} already runs (PID {self.processes[component].pid})")
-        args = [component]
+        env = self.env
+        if component.startswith(CELERY_WORKER):
+            pid_file = self.home / f"{component}.pid"
+            # not ours running (checked above): a PID file left by a killed worker is stale
+            pid_file.unlink(missing_ok=True)
+            args = celery_worker_args(
+                component, concurrency=self.worker_concurrency, pid_file=pid_file
+            )
+            env = {
+                **self.env,
+                "AIRFLOW__CORE__HOSTNAME_CALLABLE": HOSTNAME_CALLABLE,
+                "XFFL_AIRFLOW_COMPONENT": component,
+            }
+        else:
+            args = [component]
         if component == "api-server":
             args += ["--host", "127.0.0.1", "--port", str(self.api_port), "--workers", "1"]
-        log = open(self.home / "logs" / f"{component}.out", "ab")
+        log_path = self.home / "logs" / f"{component}.out"
+        self._log_offsets[component] = log_path.stat().st_size if log_path.exists() else 0
+        log = open(log_path, "ab")
         process = subprocess.Popen(
             [self._airflow_bin(), *args],
-            env=self.env,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -158,7 +250,9 @@ class AirflowInstance:
         self._write_pids()
         return process.pid
 
-    def stop_component(self, component: str, *, sig: int = signal.SIGTERM, grace: float = 20) -> None:
+    def stop_component(
+        self, component: str, *, sig: int = signal.SIGTERM, grace: float = 20
+    ) -> None:
         """Stops one component and everything it started (its task processes too)."""
         process = self.processes.get(component)
         if process is None:
@@ -232,9 +326,19 @@ class AirflowInstance:
                     wanted = {"scheduler", "triggerer", "dag_processor"} & {
                         c.replace("-", "_") for c in self.processes
                     }
-                    if all(health.get(c, {}).get("status") == "healthy" for c in wanted):
+                    waiting = [
+                        w
+                        for w in self.processes
+                        if w.startswith(CELERY_WORKER) and not self.worker_ready(w)
+                    ]
+                    if (
+                        all(health.get(c, {}).get("status") == "healthy" for c in wanted)
+                        and not waiting
+                    ):
                         return
-                    last = json.dumps(health)
+                    last = json.dumps(health) + (
+                        f"; not ready: {', '.join(waiting)}" if waiting else ""
+                    )
             except httpx.HTTPError as error:
                 last = str(error)
             time.sleep(0.5)
@@ -243,6 +347,17 @@ class AirflowInstance:
     def component_log(self, component: str) -> str:
         path = self.home / "logs" / f"{component}.out"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def worker_ready(self, component: str) -> bool:
+        """True once a Celery worker started by this instance logged that it is ready (since
+        its latest start)."""
+        path = self.home / "logs" / f"{component}.out"
+        if not path.exists():
+            return False
+        with open(path, "rb") as f:
+            f.seek(self._log_offsets.get(component, 0))
+            since_start = f.read().decode(errors="replace")
+        return f"{component}@" in since_start and " ready." in since_start
 
     # -- REST API --------------------------------------------------------------------------
 
@@ -254,7 +369,9 @@ class AirflowInstance:
                 timeout=30,
             )
             if response.status_code not in (200, 201):
-                raise AirflowError(f"login as {self.username} failed: {response.status_code} {response.text}")
+                raise AirflowError(
+                    f"login as {self.username} failed: {response.status_code} {response.text}"
+                )
             self._token = response.json()["access_token"]
         return self._token
 
@@ -271,20 +388,59 @@ class AirflowInstance:
             raise AirflowError(f"{method} {path}: {response.status_code} {response.text[:2000]}")
         return response.json() if response.content else {}
 
-    def wait_for_dag(self, dag_id: str, *, timeout: float = 120) -> dict:
-        """Waits until the dag-processor has parsed ``dag_id``; raises with any import error."""
+    def import_errors(self, dag_file: str | Path | None = None) -> list[str]:
+        """The dag-processor's import errors (stack traces): all, or those of one DAG file."""
+        errors = self.api("GET", "importErrors", params={"limit": 1000}).get("import_errors", [])
+        if dag_file is not None:
+            name = Path(dag_file).name
+            errors = [e for e in errors if Path(e["filename"]).name == name]
+        return [e["stack_trace"] for e in errors]
+
+    def wait_for_dag(
+        self, dag_id: str, *, timeout: float = 120, dag_file: str | Path | None = None
+    ) -> dict:
+        """Waits until the dag-processor has parsed ``dag_id``; raises with the import errors of
+        ``dag_file`` when given (other files' errors are theirs), else with any import error."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            errors = self.api("GET", "importErrors").get("import_errors", [])
+            errors = self.import_errors(dag_file)
             if errors:
-                raise AirflowError("DAG import errors:\n" + "\n".join(e["stack_trace"][-2000:] for e in errors))
+                raise AirflowError("DAG import errors:\n" + "\n".join(e[-2000:] for e in errors))
             try:
                 return self.api("GET", f"dags/{dag_id}")
             except AirflowError as error:
                 if " 404 " not in str(error):
                     raise
             time.sleep(1)
-        raise AirflowError(f"DAG {dag_id} not parsed after {timeout:.0f} s; see {self.home}/logs/dag-processor.out")
+        raise AirflowError(
+            f"DAG {dag_id} not parsed after {timeout:.0f} s; see {self.home}/logs/dag-processor.out"
+        )
+
+    def remove_dag_file(self, dag_file: str | Path, dag_id: str, *, timeout: float = 180) -> None:
+        """Removes a DAG file and waits until the dag-processor has taken the removal in: the DAG
+        is stale (or was never parsed) and no import error names the file.
+
+        "No import error" alone can be read too early: a parse under way when the file goes
+        fails on the missing file and records an error a few seconds later; the next refresh of
+        the folder clears it and marks the DAG stale in the same pass.
+        """
+        Path(dag_file).unlink(missing_ok=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                stale = bool(self.api("GET", f"dags/{dag_id}").get("is_stale"))
+            except AirflowError as error:
+                if " 404 " not in str(error):
+                    raise
+                stale = True
+            if stale and not self.import_errors(dag_file):
+                return
+            if time.monotonic() > deadline:
+                raise AirflowError(
+                    f"removal of {Path(dag_file).name} not taken in by the dag-processor after "
+                    f"{timeout:.0f} s; see {self.home}/logs/dag-processor.out"
+                )
+            time.sleep(1)
 
     def unpause(self, dag_id: str) -> None:
         self.api("PATCH", f"dags/{dag_id}", json={"is_paused": False})
@@ -296,12 +452,16 @@ class AirflowInstance:
         return self.api("POST", f"dags/{dag_id}/dagRuns", json=body)["dag_run_id"]
 
     def dag_runs(self, dag_id: str) -> list[dict]:
-        return self.api("GET", f"dags/{dag_id}/dagRuns", params={"limit": 100, "order_by": "run_after"})["dag_runs"]
+        return self.api(
+            "GET", f"dags/{dag_id}/dagRuns", params={"limit": 100, "order_by": "run_after"}
+        )["dag_runs"]
 
     def dag_run(self, dag_id: str, run_id: str) -> dict:
         return self.api("GET", f"dags/{dag_id}/dagRuns/{run_id}")
 
-    def wait_for_run(self, dag_id: str, run_id: str, *, timeout: float = 600, poll: float = 1.0) -> str:
+    def wait_for_run(
+        self, dag_id: str, run_id: str, *, timeout: float = 600, poll: float = 1.0
+    ) -> str:
         """Waits for a run to end; returns its final state (``success`` or ``failed``)."""
         deadline = time.monotonic() + timeout
         state = "unknown"
@@ -313,11 +473,13 @@ class AirflowInstance:
         raise AirflowError(f"run {run_id} of {dag_id} still {state} after {timeout:.0f} s")
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        return self.api("GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000})[
-            "task_instances"
-        ]
+        return self.api(
+            "GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000}
+        )["task_instances"]
 
-    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1) -> str:
+    def task_log(
+        self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1
+    ) -> str:
         """The task's log as text (the trigger's part included)."""
         answer = self.api(
             "GET",

@@ -116,9 +116,9 @@ def install_federation_dag(dags_folder: Path, config: Path, *, name: str) -> Pat
 
 def start_campaign(airflow: AirflowInstance, config: Path, campaign: str, *, timeout: float = 180) -> str:
     """Installs the federation DAG of ``config``, waits for it, triggers round 0; the DAG id."""
-    install_federation_dag(airflow.dags_folder, config, name=campaign)
+    dag_file = install_federation_dag(airflow.dags_folder, config, name=campaign)
     dag_id = f"xffl_{campaign.replace('-', '_')}"
-    airflow.wait_for_dag(dag_id, timeout=timeout)
+    airflow.wait_for_dag(dag_id, timeout=timeout, dag_file=dag_file)
     airflow.trigger(dag_id, run_id=f"xffl__{campaign}__round-0000", conf={"round": 0})
     return dag_id
 

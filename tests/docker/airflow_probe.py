@@ -1,5 +1,5 @@
 """Asks the installed Airflow whether ``airflow`` commands and ``AIRFLOW__SECTION__KEY`` options
-exist: in a subprocess of this Python, with the CeleryExecutor configured (so that the
+exist, and whether the CeleryExecutor imports: in a subprocess of this Python, with the CeleryExecutor configured (so that the
 ``airflow celery`` commands load) and a throw-away AIRFLOW_HOME."""
 
 from __future__ import annotations
@@ -25,6 +25,13 @@ for name in wanted["options"]:
     section, option = parts[1].lower(), parts[2].lower()
     if option not in described.get(section, {}).get("options", {}):
         problems.append(f"{name}: Airflow has no option [{section}] {option}")
+if wanted["celery"]:
+    # what `airflow celery worker` and the scheduler load: fails when the locked celery and
+    # the celery provider disagree
+    try:
+        import airflow.providers.celery.executors.celery_executor  # noqa: F401
+    except Exception as error:
+        problems.append(f"the CeleryExecutor does not import with the installed packages: {type(error).__name__}: {error}")
 parser = get_parser()
 for service, argv in wanted["commands"]:
     try:
@@ -35,8 +42,11 @@ print(json.dumps(problems))
 """
 
 
-def airflow_problems(commands: list[tuple[str, list[str]]], options: list[str]) -> list[str]:
-    """Asks the installed Airflow (with the CeleryExecutor configured) about commands and options."""
+def airflow_problems(
+    commands: list[tuple[str, list[str]]], options: list[str], *, celery: bool = True
+) -> list[str]:
+    """Asks the installed Airflow (with the CeleryExecutor configured) about commands and
+    options; with ``celery``, also whether the CeleryExecutor's module imports."""
     with tempfile.TemporaryDirectory(prefix="xffl-compose-check.") as home:
         env = {
             **os.environ,
@@ -47,7 +57,7 @@ def airflow_problems(commands: list[tuple[str, list[str]]], options: list[str]) 
         }
         result = subprocess.run(
             [sys.executable, "-c", _AIRFLOW_PROBE],
-            input=json.dumps({"commands": commands, "options": options}),
+            input=json.dumps({"commands": commands, "options": options, "celery": celery}),
             capture_output=True,
             text=True,
             env=env,

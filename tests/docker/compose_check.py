@@ -2,7 +2,8 @@
 set-up that the tests run?
 
 ``check_deployment(docker_dir)`` reads ``compose.yaml``, the Dockerfiles, the facility scripts,
-the files ``make-keys.sh`` wrote under ``keys/`` and ``config/federation.yaml`` in one folder,
+the files ``make-keys.sh`` wrote under ``keys/``, ``config/federation.yaml`` and the shared
+Airflow settings ``config/airflow.env`` (which the native test bed applies too) in one folder,
 and the Makefile beside it, and returns every disagreement as a sentence that names the file
 and the thing (an empty list when all agree). It works on any copy of the folder, so a test can
 break a copy and watch the checker name what broke. With ``airflow=True`` it also asks the
@@ -35,8 +36,10 @@ from tests.docker.facility_check import (
     check_facility_scripts,
 )
 from tests.docker.federation_check import check_federation
+from xffl_testbed.airflow_settings import SettingsError, load_settings
 
 AIRFLOW_DOCKERFILE = "docker/airflow/Dockerfile"
+SHARED_SETTINGS = "config/airflow.env"
 
 
 def check_deployment(docker_dir: str | Path, *, airflow: bool = True) -> list[str]:
@@ -104,16 +107,24 @@ def check_deployment(docker_dir: str | Path, *, airflow: bool = True) -> list[st
     _check_locks(c, dockerfiles)
     check_facility_scripts(c, dockerfiles.get(FACILITY_DOCKERFILE))
     env_files = {}
-    for path in ("keys/airflow.env", "keys/postgres.env"):
+    named = {
+        entry if isinstance(entry, str) else entry["path"]
+        for service in services.values()
+        for entry in service.get("env_file") or []
+    }
+    for path in sorted(named | {"keys/airflow.env", "keys/postgres.env"}):
         if (c.docker / path).exists():
             env_files[path] = read_env_file(c.docker / path)
-    airflow_env = {}
+    airflow_env: dict[str, str] = {}
+    sources: dict[str, str] = {}  # option -> the file that sets it
     for service in airflow_services.values():
         for entry in service.get("env_file") or []:
-            airflow_env.update(
-                env_files.get(entry if isinstance(entry, str) else entry["path"], {})
-            )
-        airflow_env.update(as_dict(service.get("environment")))
+            path = entry if isinstance(entry, str) else entry["path"]
+            for key, value in env_files.get(path, {}).items():
+                airflow_env[key], sources[key] = value, f"docker/{path}"
+        for key, value in as_dict(service.get("environment")).items():
+            airflow_env[key], sources[key] = value, "docker/compose.yaml"
+    _check_shared_settings(c, airflow_services, airflow_env)
     check_facilities(
         c, facility_services, dockerfiles.get(FACILITY_DOCKERFILE), airflow_env, services
     )
@@ -135,9 +146,81 @@ def check_deployment(docker_dir: str | Path, *, airflow: bool = True) -> list[st
                 if argv[:1] == ["airflow"]:
                     commands.append((name, argv[1:]))
         options = sorted(k for k in airflow_env if k.startswith("AIRFLOW__"))
-        for problem in airflow_problems(commands, options):
-            c.problem("docker/compose.yaml", problem)
+        celery = airflow_env.get("AIRFLOW__CORE__EXECUTOR") == "CeleryExecutor"
+        for problem in airflow_problems(commands, options, celery=celery):
+            option = problem.split(":", 1)[0].split(" ", 1)[0]
+            if problem.startswith("the CeleryExecutor"):
+                c.problem("requirements.lock", problem)
+            else:
+                c.problem(sources.get(option, "docker/compose.yaml"), problem)
     return c.problems
+
+
+def _check_shared_settings(c: Findings, airflow_services: dict, airflow_env: dict) -> None:
+    """``config/airflow.env`` is the one source of the settings every Airflow component shares:
+    it loads with the test bed's own reader, every Airflow service reads it, nothing else sets
+    its options again, and its Celery and heartbeat values keep a killed worker's task safe."""
+    path = c.docker / SHARED_SETTINGS
+    where = f"docker/{SHARED_SETTINGS}"
+    try:
+        groups = load_settings(path)
+    except SettingsError as error:
+        c.problem(where, str(error).replace(f"{path}", "").lstrip(": "))
+        return
+    for name, service in airflow_services.items():
+        files = [e if isinstance(e, str) else e["path"] for e in service.get("env_file") or []]
+        if SHARED_SETTINGS not in files:
+            c.problem(
+                f"docker/compose.yaml service {name}",
+                f"does not read the shared settings {where} (env_file)",
+            )
+        elif files[0] != SHARED_SETTINGS:
+            c.problem(
+                f"docker/compose.yaml service {name}",
+                f"reads {where} after {files[0]}: list the shared settings first",
+            )
+        environment = as_dict(service.get("environment"))
+        for group in groups.values():
+            for key in group:
+                if key in environment:
+                    c.problem(
+                        f"docker/compose.yaml service {name}",
+                        f"sets {key} again, which {where} sets (change it there: one source)",
+                    )
+    shared = {k: v for group in groups.values() for k, v in group.items()}
+    for key, value in shared.items():
+        if airflow_env.get(key) != value:
+            c.problem(
+                where, f"{key} is {value!r} here but {airflow_env.get(key)!r} in the services"
+            )
+
+    def number(key: str) -> float | None:
+        try:
+            return float(shared[key])
+        except (KeyError, ValueError):
+            c.problem(where, f"{key} must be set to a number")
+            return None
+
+    timeout = number("AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT")
+    interval = number("AIRFLOW__WORKERS__MIN_HEARTBEAT_INTERVAL")
+    visibility = number("AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT")
+    if timeout is not None and interval is not None and not 10 * interval <= timeout <= 120:
+        c.problem(
+            where,
+            f"AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT {timeout:g} s: keep it between "
+            f"10 heartbeats ({10 * interval:g} s) and 120 s, so a dead worker's task is retried soon",
+        )
+    if visibility is not None and visibility < 3600:
+        c.problem(
+            where,
+            f"AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT {visibility:g} s: "
+            "under an hour, a long push or pull would be delivered to a second worker",
+        )
+    if shared.get("AIRFLOW__CELERY__TASK_ACKS_LATE", "").lower() != "true":
+        c.problem(
+            where,
+            "AIRFLOW__CELERY__TASK_ACKS_LATE must be True: a killed worker's message is not lost",
+        )
 
 
 def _check_dockerfile(c: Findings, dockerfile: Dockerfile, context: Path) -> None:

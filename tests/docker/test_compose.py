@@ -164,6 +164,48 @@ def mutated(tmp_path: Path, path: str, old: str, new: str, *, make_keys: bool = 
             "./keys/site1:/etc/xffl/keys:ro",
             "the facility's keys are ./keys/site2",
         ),
+        # the Airflow services no longer read the shared settings
+        (
+            "compose.yaml",
+            "    - config/airflow.env\n",
+            "",
+            "does not read the shared settings docker/config/airflow.env",
+        ),
+        # a shared option set a second time, in compose's environment
+        (
+            "compose.yaml",
+            '    AIRFLOW__API__PORT: "8080"\n',
+            '    AIRFLOW__API__PORT: "8080"\n    AIRFLOW__CORE__EXECUTOR: LocalExecutor\n',
+            "sets AIRFLOW__CORE__EXECUTOR again, which docker/config/airflow.env sets",
+        ),
+        # a latency value the native test bed does not use
+        (
+            "config/airflow.env",
+            "SCHEDULER_IDLE_SLEEP_TIME=0.2",
+            "SCHEDULER_IDLE_SLEEP_TIME=0.05",
+            "the test bed's LATENCY_SETTINGS say '0.2'",
+        ),
+        # Airflow's default heartbeat timeout: a dead worker's task waits five minutes
+        (
+            "config/airflow.env",
+            "TASK_INSTANCE_HEARTBEAT_TIMEOUT=30",
+            "TASK_INSTANCE_HEARTBEAT_TIMEOUT=300",
+            "TASK_INSTANCE_HEARTBEAT_TIMEOUT 300 s: keep it between",
+        ),
+        # a killed worker's message acknowledged at delivery: lost
+        (
+            "config/airflow.env",
+            "TASK_ACKS_LATE=True",
+            "TASK_ACKS_LATE=False",
+            "AIRFLOW__CELERY__TASK_ACKS_LATE must be True",
+        ),
+        # a group the native test bed reads, gone
+        (
+            "config/airflow.env",
+            "# --- group: workers ---",
+            "# workers",
+            "docker/config/airflow.env: no group workers",
+        ),
     ],
 )
 def test_a_disagreement_is_reported(tmp_path, path, old, new, expected):
@@ -192,17 +234,27 @@ def test_missing_keys_are_reported(tmp_path):
 
 def test_an_unknown_airflow_option_and_command_are_reported(tmp_path):
     docker = mutated(
-        tmp_path, "compose.yaml", "AIRFLOW__CORE__LOAD_EXAMPLES", "AIRFLOW__CORE__LOAD_EXAMPLE"
+        tmp_path,
+        "config/airflow.env",
+        "AIRFLOW__CORE__LOAD_EXAMPLES",
+        "AIRFLOW__CORE__LOAD_EXAMPLE",
     )
     compose = (docker / "compose.yaml").read_text()
     (docker / "compose.yaml").write_text(
-        compose.replace('["airflow", "celery", "worker"]', '["airflow", "celery", "wroker"]')
+        compose.replace(
+            '["airflow", "celery", "worker"]', '["airflow", "celery", "wroker"]'
+        ).replace(
+            'AIRFLOW__API__PORT: "8080"',
+            'AIRFLOW__API__PORT: "8080"\n    AIRFLOW__API__PROT: "1"',
+        )
     )
     problems = current_problems(docker)
+    # each unknown option is reported in the file that sets it
     assert (
-        "docker/compose.yaml: AIRFLOW__CORE__LOAD_EXAMPLE: Airflow has no option [core] load_example"
+        "docker/config/airflow.env: AIRFLOW__CORE__LOAD_EXAMPLE: Airflow has no option [core] load_example"
         in problems
     )
+    assert "docker/compose.yaml: AIRFLOW__API__PROT: Airflow has no option [api] prot" in problems
     assert any("`airflow celery wroker` is not a valid Airflow command" in p for p in problems), (
         problems
     )
@@ -271,4 +323,6 @@ def test_the_compose_federation_config_loads_with_the_dag_s_own_loader(monkeypat
     from xffl_airflow.federation.config import load_config
 
     config = load_config(REPO / "docker" / "config" / "federation.yaml")
-    assert [f.connection_id for f in config.facilities] == [f"facility_{f.name}" for f in config.facilities]
+    assert [f.connection_id for f in config.facilities] == [
+        f"facility_{f.name}" for f in config.facilities
+    ]
