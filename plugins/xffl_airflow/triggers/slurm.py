@@ -30,7 +30,11 @@ DEFAULT_LOST_AFTER = 600.0
 CANCEL_TIMEOUT = 60.0
 # A job log line's own leading time stamp (``2026-12-04 15:33:49,649 ``, ISO ``...T...Z``): the
 # task log stamps every line already, so the job's own is dropped (the job log keeps it).
-_LINE_STAMP = re.compile(r"^\[?\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?\]?\s+")
+_LINE_STAMP = re.compile(
+    r"^\[?\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?\]?\s+"
+)
+# The poller's problems end with their try count and delay; what is left says why.
+_TRY_SUFFIX = re.compile(r" \(try \d+, again in \d+ s\)$")
 
 
 class SlurmJobEvent(TriggerEvent):
@@ -40,6 +44,11 @@ class SlurmJobEvent(TriggerEvent):
     def __repr__(self) -> str:
         payload = self.payload if isinstance(self.payload, dict) else {}
         return f"SlurmJobEvent<{payload.get('status')}: {payload.get('message')}>"
+
+
+def problem_reason(problem: str) -> str:
+    """A poll problem without its try count and delay: two tries that fail alike read alike."""
+    return _TRY_SUFFIX.sub("", problem)
 
 
 def job_log_line(line: str) -> str:
@@ -139,6 +148,7 @@ class SlurmJobTrigger(BaseTrigger):
         shown_state: tuple[str, str | None] | None = None
         lost_since: float | None = None
         problems = 0
+        reason: str | None = None  # why the last try failed
         accounting: str | None = None  # why sacct could not tell; said once in the task log
         async with poller.watch(self.job_id, log_path=self.log_path, log_offset=self.log_offset,
                                 poll_interval=self.poll_interval, follow_log=self.follow_log,
@@ -165,7 +175,10 @@ class SlurmJobTrigger(BaseTrigger):
                     return self._event("error", f"cannot reach Slurm: {update.fatal}", last)
                 if update.problem:
                     problems += 1
-                    if problems == 1 or problems % 10 == 0:
+                    # the first, every tenth, and each that fails for another reason than the
+                    # last (a dropped link that turns into an expired certificate)
+                    said, reason = reason, problem_reason(update.problem)
+                    if problems == 1 or problems % 10 == 0 or reason != said:
                         self.log.warning(
                             "Slurm at %s not answering, still waiting: %s",
                             self.ssh_conn_id,
@@ -178,7 +191,7 @@ class SlurmJobTrigger(BaseTrigger):
                         self.ssh_conn_id,
                         problems,
                     )
-                    problems = 0
+                    problems, reason = 0, None
                 update.job = update.job or last.job
                 last = update
                 if update.accounting and accounting is None:

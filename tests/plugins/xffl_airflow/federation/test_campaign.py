@@ -142,11 +142,6 @@ def test_a_facility_down_for_good_is_left_out_when_the_quorum_allows(airflow_ins
     assert "refused its input" in reason
 
 
-def import_errors_of(airflow, dag_file: Path) -> list[str]:
-    errors = airflow.api("GET", "importErrors").get("import_errors", [])
-    return [e["stack_trace"] for e in errors if e["filename"].endswith(dag_file.name)]
-
-
 def test_a_missing_connection_is_refused_by_the_dag_and_an_unusable_one_by_the_round(
     airflow_instance, testbed, corpora, tiny, storage
 ):
@@ -161,7 +156,7 @@ def test_a_missing_connection_is_refused_by_the_dag_and_an_unusable_one_by_the_r
     dag_file = install_federation_dag(airflow.dags_folder, config, name="noconn")
     try:
         # Parsing refuses the DAG, naming the config, the field and the connection: no run can start.
-        (error,) = wait_until(lambda: import_errors_of(airflow, dag_file), timeout=120, every=1, what="import error")
+        (error,) = wait_until(lambda: airflow.import_errors(dag_file), timeout=120, every=1, what="import error")
         assert str(config) in error and "facilities[1].conn_id (nowhere)" in error and "facility_nowhere" in error
         assert "facilities[0]" not in error  # site1's connection exists
         with pytest.raises(AirflowError, match=" 404 "):
@@ -172,7 +167,7 @@ def test_a_missing_connection_is_refused_by_the_dag_and_an_unusable_one_by_the_r
         # facility work starts.
         extra = {"key_file": site1.client_key, "known_hosts": str(storage / "no-known-hosts")}
         airflow.api("POST", "connections", json={"connection_id": "facility_nowhere", **site1.connection, "extra": json.dumps(extra)})
-        wait_until(lambda: not import_errors_of(airflow, dag_file), timeout=120, every=1, what="import error cleared")
+        wait_until(lambda: not airflow.import_errors(dag_file), timeout=120, every=1, what="import error cleared")
         airflow.wait_for_dag(dag_id)
         airflow.trigger(dag_id, run_id=run_id, conf={"round": 0})
         assert airflow.wait_for_run(dag_id, run_id, timeout=600) == "failed"
@@ -185,8 +180,7 @@ def test_a_missing_connection_is_refused_by_the_dag_and_an_unusable_one_by_the_r
         assert not (storage / "noconn" / "round-0000" / "clients").exists()
     finally:
         # the later tests of this session expect a DAG folder without import errors
-        dag_file.unlink(missing_ok=True)
-        wait_until(lambda: not import_errors_of(airflow, dag_file), timeout=120, every=1, what="import error gone")
+        airflow.remove_dag_file(dag_file, dag_id)
         try:
             airflow.api("DELETE", "connections/facility_nowhere")
         except AirflowError:

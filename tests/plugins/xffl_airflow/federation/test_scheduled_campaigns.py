@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 
 from tests.plugins.xffl_airflow.federation.campaign_support import ti_states
-from tests.plugins.xffl_airflow.hooks.slurm_support import wait_until
 from xffl_tasks.manifest import sha256_file
 from xffl_testbed.airflow_instance import AirflowError
 from xffl_testbed.campaign import LocalFacility, install_federation_dag, write_config
@@ -102,17 +101,9 @@ def test_two_scheduled_campaigns_chain_warm_start_and_emit_asset_events(airflow_
         runs = sorted(airflow.dag_runs("xffl_sched"), key=lambda r: r["start_date"])
     finally:
         airflow.api("PATCH", "dags/xffl_sched", json={"is_paused": True})
-        for path in (dag_file, downstream):
+        for path, dag_id in ((dag_file, "xffl_sched"), (downstream, "xffl_sched_downstream")):
             if path is not None:
-                path.unlink(missing_ok=True)
-        # a file removed while the dag-processor parsed it leaves an import error until the
-        # next scan; the later tests of the session expect a DAG folder without any
-        gone = [p.name for p in (dag_file, downstream) if p is not None]
-        wait_until(
-            lambda: not [e for e in airflow.api("GET", "importErrors").get("import_errors", [])
-                         if e["filename"].endswith(tuple(gone))],
-            timeout=180, every=2, what="import errors of the removed DAG files gone",
-        )  # fmt: skip
+                airflow.remove_dag_file(path, dag_id)
 
     first, second = _scheduled_campaigns(storage)
     assert first.name < second.name  # named after the schedule's dates
