@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from xffl_tasks.aggregate.client_order import by_name
 from xffl_tasks.aggregate.engine import NonFiniteClients, StreamOutcome, stream_aggregate
 from xffl_tasks.aggregate.errors import AggregationError
 from xffl_tasks.aggregate.files import copy_file, sha256_file
@@ -193,7 +194,9 @@ def aggregate(
 
     :param previous: the previous global model's folder (its layout is kept; its server state,
         if any, is read from ``server_state/``).
-    :param clients: the clients' model folders (Hugging Face, safetensors, with metrics.json).
+    :param clients: the clients' model folders (Hugging Face, safetensors, with metrics.json),
+        in any order: they are aggregated, and reported, in the order of their names
+        (``client_order``), so that the same clients always give the same bytes.
     :param out: the new folder; must not exist. It appears only complete.
     :param strategy: fedavg, fedavgm, fedadam, fedyogi, trimmed-mean or median; for LoRA
         adapter folders lora-fedavg, lora-exact or lora-frozen-a (``xffl_tasks.aggregate.lora``).
@@ -230,11 +233,10 @@ def aggregate(
     check_output_location(out, [previous, *client_paths])
     make_strategy(strategy, options=options, num_clients=len(client_paths))
     book = (
-        input_hashes
-        if isinstance(input_hashes, HashBook)
-        else HashBook.from_mapping(input_hashes)
+        input_hashes if isinstance(input_hashes, HashBook) else HashBook.from_mapping(input_hashes)
     )
     given = check_given_weights(names, weights) if weights is not None else None
+    names, client_paths, given = by_name(names, client_paths, given)  # sums in a fixed order
     previous_model = open_model_folder(previous, label=PREVIOUS_LABEL)
     rejected: dict[str, str] = {}
     accepted = _check_clients(previous_model, names, client_paths, given, rejected)

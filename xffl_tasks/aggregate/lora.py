@@ -45,6 +45,7 @@ from xffl_tasks.adapter import (
     read_adapter_config,
 )
 from xffl_tasks.aggregate import lora_math
+from xffl_tasks.aggregate.client_order import by_name
 from xffl_tasks.aggregate.errors import AggregationError
 from xffl_tasks.aggregate.files import copy_file, sha256_file
 from xffl_tasks.aggregate.lora_options import check_adapter_options
@@ -218,6 +219,7 @@ def aggregate_adapters(
     check_output_location(out, [previous, *paths])
     resolved = check_adapter_options(strategy, dict(options or {}))
     given = check_given_weights(names, weights) if weights is not None else None
+    names, paths, given = by_name(names, paths, given)  # sums in a fixed order (client_order)
     label = "previous adapter"
     settings, header = _open_adapter(previous, label)
     prior = _load(previous, label, settings, header)

@@ -9,6 +9,7 @@ import os
 import platform
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from typing import Any
 
@@ -93,7 +94,7 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
         val_max_sequences=config.val_max_sequences,
     )
 
-    from xffl_tasks.train import distributed
+    from xffl_tasks.train import determinism, distributed
     from xffl_tasks.train.loop import evaluate, train
     from xffl_tasks.train.schedule import plan_steps
 
@@ -116,8 +117,11 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
     )  # fmt: skip
     if launch.is_main:
         output.create()
+    settings = ExitStack()  # the run's process-wide settings, undone at its end
     try:
         distributed.init_process_group(runtime)
+        # every generator seeded before the model is built (a new adapter's A draws from it)
+        settings.enter_context(determinism.repeatable(config.seed, runtime.device))
         model, plain = distributed.build_model(source, config, runtime, adapter)
         aliases = alias_groups(plain)
         before = evaluate(model, dataset.validation, runtime, batch_size=config.batch_size)
@@ -162,7 +166,9 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
             try:
                 assert output.staging is not None
                 if adapter is not None:
-                    write_adapter(output.staging, adapter_state(plain, state, adapter), adapter, source)
+                    write_adapter(
+                        output.staging, adapter_state(plain, state, adapter), adapter, source
+                    )
                 else:
                     write_model(
                         output.staging,
@@ -192,4 +198,5 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
         )
         return metrics
     finally:
+        settings.close()
         output.discard()

@@ -51,13 +51,14 @@ def test_cli_aggregates_with_names_weights_and_options(family, tmp_path):
     )
     report = json.loads((out / "aggregation.json").read_text())
     assert report["options"] == {"server_learning_rate": 0.9, "momentum": 0.5}
+    # each weight stays with its name; the clients are aggregated and reported in name order
     assert [(c["name"], c["weight"], c["weight_source"]) for c in report["clients"]] == [
-        ("it", 1.0, "given"),
         ("cz", 2.0, "given"),
         ("de", 3.0, "given"),
+        ("it", 1.0, "given"),
     ]
     assert [c["normalized_weight"] for c in report["clients"]] == pytest.approx(
-        [1 / 6, 2 / 6, 3 / 6]
+        [2 / 6, 3 / 6, 1 / 6]
     )
     assert (out / "server_state" / "momentum.safetensors").is_file()
 
