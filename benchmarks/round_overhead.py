@@ -3,8 +3,8 @@
     python benchmarks/round_overhead.py --facilities 2,8 --json
 
 For each facility count it starts a fresh Airflow (SQLite, LocalExecutor, the latency
-settings the demo ships) beside one local Slurm facility that every facility entry shares,
-and runs, in the same instance:
+settings the demo ships; ``--database postgres`` puts its metadata on PostgreSQL) beside one
+local Slurm facility that every facility entry shares, and runs, in the same instance:
 
 - ours: rounds of the real federation DAG (push the tiny model over SFTP, a Slurm job whose
   training command sleeps 1 s and hands the model back with its metrics, pull, aggregate,
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from xffl_testbed.campaign import (  # noqa: E402
     write_config,
 )
 from xffl_testbed.facilities import Testbed, facility_python  # noqa: E402
+from xffl_testbed.postgres import PostgresServer  # noqa: E402
 
 SLEEP_COMMAND = (
     "sleep 1 && rm -rf {out}.part && mkdir -p {out}.part && cp {model}/* {out}.part/ && "
@@ -87,9 +89,13 @@ def bench(count: int, rounds: int, work: Path, python: str, facility) -> dict:
     floor = (REPO / "benchmarks" / "round_floor_dag.py").read_text()
     floor = floor.replace("FACILITIES = 2  #", f"FACILITIES = {count}  #").replace("ROUNDS = 3  #", f"ROUNDS = {rounds}  #")
     (dags / f"round_floor_{count}.py").write_text(floor)
+    postgres = None
+    if DATABASE == "postgres":
+        postgres = PostgresServer().start()  # its own folder, which its system user reaches
     airflow = AirflowInstance(
-        work / f"airflow-{count}", dags_folder=dags, env=testbed_env, parallelism=max(8, count + 4)
-    )
+        work / f"airflow-{count}", dags_folder=dags, env=testbed_env, parallelism=max(8, count + 4),
+        sql_alchemy_conn=postgres.url if postgres else None,
+    )  # fmt: skip
     try:
         airflow.migrate()
         airflow.start()
@@ -120,6 +126,8 @@ def bench(count: int, rounds: int, work: Path, python: str, facility) -> dict:
         return {
             "facilities": count,
             "rounds": rounds,
+            "database": DATABASE,
+            "loadavg": [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]],
             "ours_overhead_s": round(ours, 2),
             "floor_overhead_s": round(floor_overhead, 2),
             "ratio": round(ours / floor_overhead, 3) if floor_overhead > 0 else None,
@@ -128,10 +136,13 @@ def bench(count: int, rounds: int, work: Path, python: str, facility) -> dict:
         }
     finally:
         airflow.stop()
+        if postgres is not None:
+            postgres.purge()
 
 
 testbed_env: dict[str, str] = {}
 TIMELINE = False
+DATABASE = "sqlite"
 
 
 def print_timeline(airflow, dag_id: str, run: dict) -> None:
@@ -156,9 +167,15 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per DAG (the first is not counted)")
     parser.add_argument("--json", action="store_true", help="print only the JSON lines")
     parser.add_argument("--timeline", action="store_true", help="print the last round's task timeline to stderr")
+    parser.add_argument(
+        "--database", choices=("sqlite", "postgres"), default="sqlite",
+        help="Airflow's metadata database (default the embedded SQLite)",
+    )  # fmt: skip
     args = parser.parse_args()
-    global TIMELINE
-    TIMELINE = args.timeline
+    global TIMELINE, DATABASE
+    TIMELINE, DATABASE = args.timeline, args.database
+    # a plain `kill` still stops Airflow and the facility (the finally blocks)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     python = facility_python()
     work = Path(tempfile.mkdtemp(prefix="xffl-bench-round."))
     testbed = Testbed.up(1, names=["shared"], python=python, node_cpus=64)

@@ -118,6 +118,14 @@ class Facility:
     def start_sshd(self) -> None:
         _run_script("sshd-ctl", self.run_dir, self.name, "start")
 
+    def stop_slurmctld(self, *, crash: bool = False) -> None:
+        """Stops this facility's slurmctld (SIGTERM; SIGKILL with ``crash``); jobs keep running."""
+        _run_script("slurmctld-ctl", self.run_dir, self.name, "kill" if crash else "stop")
+
+    def start_slurmctld(self) -> None:
+        """Starts this facility's slurmctld again from its saved state."""
+        _run_script("slurmctld-ctl", self.run_dir, self.name, "start")
+
     def daemon_pid(self, daemon: str) -> int:
         return int((Path(self.facility_dir) / "pids" / f"{daemon}.pid").read_text())
 
@@ -201,7 +209,10 @@ class Testbed:
         min_job_age: int = 300,
         python: str | None = None,
         node_cpus: int | None = None,
+        parallel: int | None = None,
     ) -> Testbed:
+        """Brings up ``count`` facilities; ``parallel``: how many start their daemons at once
+        (``up``'s default when None; 1 starts them one at a time)."""
         if run_dir is None:
             # Under /tmp, not pytest's private tmp: the facility users must reach their homes.
             run_dir = tempfile.mkdtemp(prefix="xffl-testbed.", dir="/tmp")
@@ -212,11 +223,15 @@ class Testbed:
             args += ["--python", python]
         if node_cpus:
             args += ["--node-cpus", str(node_cpus)]
-        _run_script("up", *args)
+        if parallel:
+            args += ["--parallel", str(parallel)]
+        # a facility takes under a second to start on an idle machine; a busy one is slower
+        _run_script("up", *args, timeout=max(300, 20 * count))
         return cls(run_dir)
 
     def down(self, *, purge: bool = False) -> None:
-        _run_script("down", str(self.run_dir), *(["--purge"] if purge else []))
+        purging = ["--purge"] if purge else []
+        _run_script("down", str(self.run_dir), *purging, timeout=max(300, 5 * len(self.facilities)))
 
     def __enter__(self) -> Testbed:
         return self

@@ -10,15 +10,27 @@ facility_check_name() {
     [[ "$1" =~ ^[a-z][a-z0-9_]{0,15}$ ]] || facility_die "bad facility name '$1': use 1-16 of a-z, 0-9, _ (starting with a letter)"
 }
 
-# free_ports N: prints N distinct TCP ports that are free on 127.0.0.1 right now.
+# free_ports N: prints N distinct TCP ports that are free on 127.0.0.1 right now, taken below
+# the kernel's ephemeral range: a port picked there can be taken by any outgoing connection of
+# this machine before its daemon binds it, which many facilities started at once would meet.
 free_ports() {
     python3 - "$1" <<'EOF'
-import socket, sys
-socks = []
-for _ in range(int(sys.argv[1])):
+import random, socket, sys
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+first = min(10000, low // 2)
+socks, wanted = [], int(sys.argv[1])
+for port in random.sample(range(first, low), low - first):
+    if len(socks) == wanted:
+        break
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        s.close()
+        continue
     socks.append(s)
+if len(socks) < wanted:
+    sys.exit(f"only {len(socks)} free ports from {first} to {low - 1}, {wanted} wanted")
 print(" ".join(str(s.getsockname()[1]) for s in socks))
 for s in socks:
     s.close()

@@ -11,8 +11,11 @@ queued or running) unless it ended in failure; a facility that cannot be asked i
 never a reason to submit again. An sbatch whose answer is lost or unreadable (a noisy login
 shell, a dropped link, a timeout) is never followed by another sbatch: the job is first looked
 up by its tag (and a retry looks again, through a marker in the store). Once a job's success has been reported (the task succeeded),
-it is marked so in the store: clearing the task in the UI then runs the command again in a new
-job instead of handing back the old result.
+it is marked so in the store, with the try that reported it: clearing the task in the UI then
+runs the command again in a new job instead of handing back the old result. A retry of the same
+series of tries (Airflow failed the task after that try had reported, as its deferral race does
+under load: "finished with state success, but the task instance's state attribute is ...")
+hands back the same job's report instead of training again.
 """
 
 from __future__ import annotations
@@ -171,6 +174,7 @@ class SlurmOperator(BaseOperator):
         self.slurm_bin = login.slurm_bin
         self._job_id: str | None = None
         self._newest_known: str | None = None  # the newest job id of this task instance seen
+        self._ti: Any = None  # the running task instance (try_number, max_tries)
         if not isinstance(ssh_conn_id, str) or not ssh_conn_id:
             raise SlurmConfigError(
                 f"task {self.task_id}: ssh_conn_id must name an Airflow SSH connection"
@@ -212,6 +216,7 @@ class SlurmOperator(BaseOperator):
     # -- execute ------------------------------------------------------------------------
 
     def execute(self, context: Context) -> dict[str, Any]:
+        self._ti = context["ti"]
         tag = _task_tag(context, self.task_id)
         spec = self._spec(tag)
         store = context.get("task_state_store")
@@ -230,7 +235,9 @@ class SlurmOperator(BaseOperator):
                     report = job_report(
                         job, conn_id=self.ssh_conn_id, log_path=ref.get("log_path"), tz=tz
                     )
-                    _mark_reported(store, ref["job_id"], report.get("cluster"))
+                    _mark_reported(
+                        store, ref["job_id"], report.get("cluster"), _try_number(self._ti)
+                    )
                     return report
             except FacilityConnectionError as error:
                 if error.retryable:
@@ -288,11 +295,19 @@ class SlurmOperator(BaseOperator):
             job_id = v.check_job_id(stored["job_id"])
             self._newest_known = job_id
             if stored.get("reported"):
-                self.log.info(
-                    "Job %s of an earlier try succeeded and was reported: submitting anew "
-                    "(the task was cleared to run again)", job_id,
+                first = first_try_of_series(self._ti, self.retries)
+                reported_try = stored.get("reported_try")
+                if first is None or not isinstance(reported_try, int) or reported_try < first:
+                    self.log.info(
+                        "Job %s of an earlier try succeeded and was reported: submitting anew "
+                        "(the task was cleared to run again)", job_id,
+                    )  # fmt: skip
+                    return None
+                self.log.warning(
+                    "Job %s succeeded and try %s reported it, but Airflow failed that try "
+                    "afterwards (no clear since): handing back its report, not training again",
+                    job_id, reported_try,
                 )  # fmt: skip
-                return None
             # at a site without accounting the job's own end record may be all that is left
             record = end_record_path(stored.get("log_path"))
             answer = hook.query([job_id], {job_id: record} if record else None)
@@ -420,7 +435,9 @@ class SlurmOperator(BaseOperator):
             "Slurm job %s ended %s: queued %s s, ran %s s", report["job_id"], report["state"],
             report["queue_wait_s"], report["run_s"],
         )  # fmt: skip
-        _mark_reported(context.get("task_state_store"), str(report["job_id"]), report.get("cluster"))
+        store = context.get("task_state_store")
+        try_number = _try_number(context.get("ti"))
+        _mark_reported(store, str(report["job_id"]), report.get("cluster"), try_number)
         return report
 
     def on_kill(self) -> None:
@@ -448,13 +465,39 @@ def _job_number(job_id: str) -> int:
     return int(re.match(r"\d+", job_id).group(0))
 
 
-def _mark_reported(store: Any, job_id: str, cluster: str | None = None) -> None:
-    """Records in the store that ``job_id``'s success went to the task's result (XCom), and
-    the cluster it ran on when sbatch did not say."""
+def first_try_of_series(ti: Any, retries: int | None) -> int | None:
+    """The first try of the task instance's current series of tries: 1, or the try after the
+    last clear (clearing sets ``max_tries`` to the try number then plus ``retries``). Airflow
+    computes it the same way for sensor reschedules. None when the task instance does not say.
+    """
+    max_tries = getattr(ti, "max_tries", None)
+    try_number = _try_number(ti)
+    if not isinstance(max_tries, int) or try_number is None or max_tries < 0:
+        return None
+    return series_start(try_number=try_number, max_tries=max_tries, retries=int(retries or 0))
+
+
+def series_start(*, try_number: int, max_tries: int, retries: int) -> int | None:
+    """``max_tries - retries + 1``, when that is a try at or before ``try_number``."""
+    first = max_tries - retries + 1
+    return first if 1 <= first <= try_number else None
+
+
+def _try_number(ti: Any) -> int | None:
+    value = getattr(ti, "try_number", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+
+def _mark_reported(
+    store: Any, job_id: str, cluster: str | None = None, try_number: int | None = None
+) -> None:
+    """Records in the store that ``job_id``'s success went to the task's result (XCom) in try
+    ``try_number``, and the cluster it ran on when sbatch did not say."""
     stored = store.get(STATE_KEY) if store is not None else None
     if isinstance(stored, dict) and stored.get("job_id") == job_id:
         known = {"cluster": cluster} if cluster and not stored.get("cluster") else {}
-        store.set(STATE_KEY, {**stored, **known, "reported": True})
+        by = {"reported_try": try_number} if try_number is not None else {}
+        store.set(STATE_KEY, {**stored, **known, "reported": True, **by})
 
 
 def _task_tag(context: Context, task_id: str) -> TaskTag:

@@ -251,6 +251,36 @@ def test_a_cleared_task_whose_job_succeeded_runs_again_in_a_new_job(site1, reque
     assert third["job_id"] not in (first["job_id"], second["job_id"])
 
 
+def test_a_retry_after_airflow_failed_a_try_that_reported_hands_back_the_same_job(site1, request):
+    """Airflow's deferral race under load: the resumed try handed the job's success to XCom and
+    was then marked failed ("finished with state success, but the task instance's state
+    attribute is running"). Its retry must not train again; a clear afterwards must."""
+    store = MemoryStateStore()
+    ctx = context("raced", request, store)
+    ti = ctx["ti"]
+    ti.try_number, ti.max_tries = 1, 2  # retries=2: tries 1 to 3 are one series
+    first = run_task(operator("raced", site1, "echo trained", retries=2), ctx)
+    assert first["state"] == "COMPLETED"
+    assert (store.get(STATE_KEY)["reported"], store.get(STATE_KEY)["reported_try"]) == (True, 1)
+    ti.try_number = 2  # the retry Airflow scheduled after failing try 1
+    with capture_logs() as logs:
+        again = run_task(operator("raced", site1, "echo trained", retries=2), ctx)
+    assert (again["job_id"], again["state"]) == (first["job_id"], "COMPLETED")
+    assert any(
+        f"Job {first['job_id']} succeeded and try 1 reported it" in line
+        and "not training again" in line
+        for line in logs.lines
+    ), logs.lines
+    comment = f"xffl/{DAG_ID}/{ti.run_id}/raced/-1"
+    assert tagged_jobs(site1, comment) == [first["job_id"]]
+    assert store.get(STATE_KEY)["reported_try"] == 2
+    # now the user clears the task: Airflow sets max_tries to the try number plus retries
+    ti.try_number, ti.max_tries = 3, 2 + 2
+    cleared = run_task(operator("raced", site1, "echo trained", retries=2), ctx)
+    assert cleared["state"] == "COMPLETED" and cleared["job_id"] != first["job_id"]
+    assert sorted(tagged_jobs(site1, comment), key=int) == [first["job_id"], cleared["job_id"]]
+
+
 def test_a_retry_after_a_failed_job_submits_a_new_one(site1, request):
     store = MemoryStateStore()
     ctx = context("retried", request, store)
