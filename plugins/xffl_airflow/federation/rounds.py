@@ -490,6 +490,11 @@ def aggregate_round(plan: dict[str, Any] | None, pulled: dict[str, dict[str, Any
         aside = out.with_name(f"global.stale-{int(time.time())}")
         out.rename(aside)
         shutil.rmtree(aside)
+    # an attempt killed while aggregating (SIGKILL, the node lost) could not remove its staging
+    # folder (xffl_tasks.aggregate.staging: ".global.partial-*"); one attempt runs at a time
+    for stale in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob("global.stale-*")]:
+        log.warning("removing %s, left by an earlier attempt that was killed", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     weights = None
     if any(plan["facilities"][n]["weight"] is not None for n in participants):
         weights = [float(plan["facilities"][n]["weight"] or 0) for n in participants]
@@ -540,6 +545,16 @@ def _history(layout: CampaignLayout, before_round: int) -> list[RoundOutcome]:
             RoundOutcome(number, manifest.get("weighted_val_loss"), (manifest.get("aggregation") or {}).get("global_update_norm"))
         )
     return outcomes
+
+
+def _remove_killed_writes(folder: Path, names: list[str]) -> None:
+    """Removes the temporary files that atomic writes of ``names`` in ``folder`` left when their
+    writer was killed before the rename (``tempfile.mkstemp(prefix="." + name + ".")``); one
+    attempt of a round's task runs at a time, so none of them is being written."""
+    for name in names:
+        for stale in Path(folder).glob(f".{name}.*"):
+            log.warning("removing %s, left by an earlier attempt that was killed", stale)
+            stale.unlink(missing_ok=True)
 
 
 def finalize_round(
@@ -637,6 +652,9 @@ def finalize_round(
     }
     if round_number == 0 and plan.get("warm_start"):
         manifest["warm_start"] = plan["warm_start"]  # the source campaign, round, manifest and its sha256
+    # a finalize killed inside an atomic write leaves its temporary file ("." + name + random)
+    _remove_killed_writes(round_dir, ["manifest.json"])
+    _remove_killed_writes(layout.campaign_dir, ["report.png", "report.txt"])
     path = write_manifest(round_dir, manifest, previous)
     log.info("round %d of %s: %s; manifest %s", round_number, plan["campaign"], decision.reason, path)
     this_run = run_url(run_id_value) if run_url else None

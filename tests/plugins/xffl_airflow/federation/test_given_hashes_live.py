@@ -72,7 +72,13 @@ def test_the_aggregation_reads_each_pulled_file_once_and_rehashes_a_touched_one(
     touched = sorted(clients["site2"].glob("*.safetensors"))[0]
     stat = touched.stat()
     os.utime(touched, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    # what an attempt killed while aggregating leaves behind: removed by the next one
+    round_dir = storage / "given-hashes" / "round-0000"
+    (round_dir / ".global.partial-x1y2z3w4").mkdir()
+    (round_dir / ".global.partial-x1y2z3w4" / "model.safetensors").write_bytes(b"half")
+    (round_dir / "global.stale-1").mkdir()
     again = aggregate_round(plan, pulled)["report"]
+    assert sorted(p.name for p in round_dir.iterdir() if "global" in p.name) == ["global"]
     assert again["input_hashes"]["stale"] == [str(touched)]
     site2 = next(entry for entry in again["clients"] if entry["name"] == "site2")
     assert site2["hash_sources"][touched.name] == "computed"
