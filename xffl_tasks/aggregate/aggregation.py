@@ -29,18 +29,17 @@ from xffl_tasks.aggregate.engine import NonFiniteClients, StreamOutcome, stream_
 from xffl_tasks.aggregate.errors import AggregationError
 from xffl_tasks.aggregate.files import copy_file, sha256_file
 from xffl_tasks.aggregate.input_hashes import COMPUTED, GIVEN, HashBook
+from xffl_tasks.aggregate.inputs import check_client_inputs
 from xffl_tasks.aggregate.lora_options import ADAPTER_STRATEGIES
 from xffl_tasks.aggregate.model_folder import ModelFolder, check_same_tensors, open_model_folder
 from xffl_tasks.aggregate.report import REPORT_FILE, build_report
 from xffl_tasks.aggregate.server_state import ServerState, open_server_state
-from xffl_tasks.aggregate.staging import check_absent, check_output_location, staged_folder
+from xffl_tasks.aggregate.staging import staged_folder
 from xffl_tasks.aggregate.strategies import Strategy, make_strategy
 from xffl_tasks.aggregate.weights import (
     ClientWeight,
     check_given_weights,
-    check_share,
     normalize,
-    resolve_names,
     weight_from_metrics,
 )
 
@@ -153,16 +152,6 @@ def _reject(rejected: dict[str, str], name: str, reason: str) -> None:
     rejected[name] = reason
 
 
-def _check_min_clients(min_clients: int | None, count: int) -> int:
-    if min_clients is None:
-        return count
-    if isinstance(min_clients, bool) or not isinstance(min_clients, int):
-        raise AggregationError(f"min_clients {min_clients!r} is not a whole number")
-    if not 1 <= min_clients <= count:
-        raise AggregationError(f"min_clients {min_clients} must be from 1 to {count} (the clients)")
-    return min_clients
-
-
 def _check_enough(accepted: int, total: int, min_clients: int, rejected: Mapping[str, str]) -> None:
     if accepted < min_clients:
         raise AggregationError(
@@ -223,14 +212,10 @@ def aggregate(
         )  # fmt: skip
     started = time.perf_counter()
     previous, out = Path(previous), Path(out)
-    client_paths = [Path(client) for client in clients]
-    if not client_paths:
-        raise AggregationError("no client folders: give at least one")
-    names = resolve_names(client_paths, names)
-    min_clients = _check_min_clients(min_clients, len(client_paths))
-    check_share(max_weight_share)
-    check_absent(out)
-    check_output_location(out, [previous, *client_paths])
+    client_paths, names, min_clients = check_client_inputs(
+        previous, clients, out, names=names, min_clients=min_clients,
+        max_weight_share=max_weight_share,
+    )  # fmt: skip
     make_strategy(strategy, options=options, num_clients=len(client_paths))
     book = (
         input_hashes if isinstance(input_hashes, HashBook) else HashBook.from_mapping(input_hashes)

@@ -48,18 +48,17 @@ from xffl_tasks.aggregate import lora_math
 from xffl_tasks.aggregate.client_order import by_name
 from xffl_tasks.aggregate.errors import AggregationError
 from xffl_tasks.aggregate.files import copy_file, sha256_file
+from xffl_tasks.aggregate.inputs import check_client_inputs
 from xffl_tasks.aggregate.lora_options import check_adapter_options
 from xffl_tasks.aggregate.metrics import METRICS_FILE
 from xffl_tasks.aggregate.model_folder import refuse_pickles
 from xffl_tasks.aggregate.report import REPORT_FILE, REPORT_FORMAT, cosine
 from xffl_tasks.aggregate.safetensors_format import HeaderError, SafetensorsHeader, read_header
-from xffl_tasks.aggregate.staging import check_absent, check_output_location, staged_folder
+from xffl_tasks.aggregate.staging import staged_folder
 from xffl_tasks.aggregate.weights import (
     ClientWeight,
     check_given_weights,
-    check_share,
     normalize,
-    resolve_names,
     weight_from_metrics,
 )
 
@@ -179,20 +178,6 @@ def _read_momentum(
     return state, int(metadata.get("rounds", "0"))
 
 
-def _check_min_clients(min_clients: int | None, count: int) -> int:
-    if min_clients is None:
-        return count
-    if (
-        isinstance(min_clients, bool)
-        or not isinstance(min_clients, int)
-        or not 1 <= min_clients <= count
-    ):
-        raise AggregationError(
-            f"min_clients {min_clients!r} must be a whole number from 1 to {count} (the clients)"
-        )
-    return min_clients
-
-
 def aggregate_adapters(
     previous: Path,
     clients: Sequence[Path],
@@ -209,14 +194,10 @@ def aggregate_adapters(
     module docstring); returns what it wrote to ``out/aggregation.json``."""
     started = time.perf_counter()
     previous, out = Path(previous), Path(out)
-    paths = [Path(c) for c in clients]
-    if not paths:
-        raise AggregationError("no client folders: give at least one")
-    names = resolve_names(paths, names)
-    min_clients = _check_min_clients(min_clients, len(paths))
-    check_share(max_weight_share)
-    check_absent(out)
-    check_output_location(out, [previous, *paths])
+    paths, names, min_clients = check_client_inputs(
+        previous, clients, out, names=names, min_clients=min_clients,
+        max_weight_share=max_weight_share,
+    )  # fmt: skip
     resolved = check_adapter_options(strategy, dict(options or {}))
     given = check_given_weights(names, weights) if weights is not None else None
     names, paths, given = by_name(names, paths, given)  # sums in a fixed order (client_order)
