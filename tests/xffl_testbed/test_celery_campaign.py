@@ -24,11 +24,10 @@ from pathlib import Path
 import pytest
 
 from tests.plugins.xffl_airflow.federation.campaign_support import TRAINING, ti_states
+from tests.plugins.xffl_airflow.federation.conftest import corpora, tiny  # noqa: F401 (fixtures)
 from xffl_testbed.airflow_instance import AirflowInstance
 from xffl_testbed.campaign import (
     LocalFacility,
-    make_tiny,
-    place_private_data,
     start_campaign,
     wait_for_campaign,
     write_config,
@@ -44,20 +43,6 @@ CAMPAIGN = "celery"
 DATABASE = "xffl_celery"
 LINK_MBPS = 1.0  # site1's link: the 4 MB tiny model takes about 4 s each way
 PROGRESS = " MiB ("  # a push's progress line: "push ... -> site1:...: 0.6/3.9 MiB (16%), ..."
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_tiny(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def corpora(testbed, tiny) -> dict[str, str]:
-    site1, site2 = testbed.facilities
-    return {
-        site1.name: place_private_data(site1, tiny / "data" / "italian", "celery-italian"),
-        site2.name: place_private_data(site2, tiny / "data" / "czech", "celery-czech"),
-    }
 
 
 @pytest.fixture
@@ -99,7 +84,7 @@ def worker_of(airflow: AirflowInstance, pid: int) -> str | None:
 
 @pytest.mark.timeout(2700)  # about 5 min on an idle 2-core machine; 15 min seen under load
 def test_a_campaign_survives_a_celery_worker_killed_during_a_push(
-    testbed, database, corpora, tiny, tmp_path
+    testbed, database, corpora, tiny, tmp_path  # noqa: F811
 ):
     site1, site2 = testbed.facilities
     storage = tmp_path / "campaigns"
