@@ -492,9 +492,7 @@ def aggregate_round(plan: dict[str, Any] | None, pulled: dict[str, dict[str, Any
         shutil.rmtree(aside)
     # an attempt killed while aggregating (SIGKILL, the node lost) could not remove its staging
     # folder (xffl_tasks.aggregate.staging: ".global.partial-*"); one attempt runs at a time
-    for stale in [*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob("global.stale-*")]:
-        log.warning("removing %s, left by an earlier attempt that was killed", stale)
-        shutil.rmtree(stale, ignore_errors=True)
+    _remove_leftovers([*out.parent.glob(f".{out.name}.partial-*"), *out.parent.glob("global.stale-*")])
     weights = None
     if any(plan["facilities"][n]["weight"] is not None for n in participants):
         weights = [float(plan["facilities"][n]["weight"] or 0) for n in participants]
@@ -547,13 +545,20 @@ def _history(layout: CampaignLayout, before_round: int) -> list[RoundOutcome]:
     return outcomes
 
 
-def _remove_killed_writes(folder: Path, names: list[str]) -> None:
-    """Removes the temporary files that atomic writes of ``names`` in ``folder`` left when their
-    writer was killed before the rename (``tempfile.mkstemp(prefix="." + name + ".")``); one
+def _killed_writes(folder: Path, names: list[str]) -> list[Path]:
+    """The temporary files that atomic writes of ``names`` in ``folder`` leave when their writer
+    is killed before the rename (``tempfile.mkstemp(prefix="." + name + ".")``)."""
+    return [stale for name in names for stale in Path(folder).glob(f".{name}.*")]
+
+
+def _remove_leftovers(paths: list[Path]) -> None:
+    """Removes what an earlier attempt, killed mid-write, left behind (files or folders); one
     attempt of a round's task runs at a time, so none of them is being written."""
-    for name in names:
-        for stale in Path(folder).glob(f".{name}.*"):
-            log.warning("removing %s, left by an earlier attempt that was killed", stale)
+    for stale in paths:
+        log.warning("removing %s, left by an earlier attempt that was killed", stale)
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
             stale.unlink(missing_ok=True)
 
 
@@ -653,8 +658,10 @@ def finalize_round(
     if round_number == 0 and plan.get("warm_start"):
         manifest["warm_start"] = plan["warm_start"]  # the source campaign, round, manifest and its sha256
     # a finalize killed inside an atomic write leaves its temporary file ("." + name + random)
-    _remove_killed_writes(round_dir, ["manifest.json"])
-    _remove_killed_writes(layout.campaign_dir, ["report.png", "report.txt"])
+    _remove_leftovers(
+        _killed_writes(round_dir, ["manifest.json"])
+        + _killed_writes(layout.campaign_dir, ["report.png", "report.txt"])
+    )
     path = write_manifest(round_dir, manifest, previous)
     log.info("round %d of %s: %s; manifest %s", round_number, plan["campaign"], decision.reason, path)
     this_run = run_url(run_id_value) if run_url else None

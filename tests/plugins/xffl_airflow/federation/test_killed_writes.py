@@ -9,5 +9,5 @@ def test_only_the_temporaries_of_the_named_files_are_removed(tmp_path):
     kept = ["manifest.json", "report.png", ".hidden", "manifest.json.bak", ".global.partial-x"]
     for name in left + kept:
         (tmp_path / name).write_text("x")
-    rounds._remove_killed_writes(tmp_path, ["manifest.json", "report.png"])
+    rounds._remove_leftovers(rounds._killed_writes(tmp_path, ["manifest.json", "report.png"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
