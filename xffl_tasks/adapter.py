@@ -6,7 +6,9 @@ base weight ``model.layers.0.self_attn.q_proj.weight`` of shape ``[out, in]`` th
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` (``[r, in]``) and
 ``...lora_B.weight`` (``[out, r]``); the merged weight is ``W + scaling * B @ A`` with
 ``scaling = lora_alpha / r``. Only plain LoRA is accepted (no DoRA, no per-module ranks, no
-extra trainable modules), so that every strategy's arithmetic holds for every layer.
+extra trainable modules), so that every strategy's arithmetic holds for every layer. Under
+``lora-stacked`` each facility may have its own r and alpha (:meth:`LoraSettings.for_facility`);
+the other strategies need one r and alpha for all (``lora_options.check_ranks``).
 
 The initial adapter of a campaign is made here from the base model's safetensors headers alone
 (A uniform in +-1/sqrt(in) as PEFT's Kaiming init, B zero, from a seed), so every facility
@@ -22,7 +24,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +82,13 @@ class LoraSettings:
     @property
     def scaling(self) -> float:
         return float(self.alpha) / self.r
+
+    def for_facility(self, r: int | None = None, alpha: float | None = None) -> LoraSettings:
+        """These settings with a facility's own rank and alpha (None: keep the campaign's),
+        checked as any settings are."""
+        return replace(
+            self, r=self.r if r is None else r, alpha=self.alpha if alpha is None else alpha
+        )
 
     def to_config(self, base_model: str | None = None) -> dict[str, Any]:
         """The ``adapter_config.json`` PEFT reads (``LoraConfig``'s fields; the rest default)."""
@@ -211,12 +220,22 @@ def target_weights(
     return dict(sorted(found.items()))
 
 
-def initial_adapter(base: Path, out: Path, settings: LoraSettings, *, seed: int = 0) -> Path:
+def initial_adapter(
+    base: Path,
+    out: Path,
+    settings: LoraSettings,
+    *,
+    seed: int = 0,
+    r: int | None = None,
+    alpha: float | None = None,
+) -> Path:
     """Writes a fresh adapter for ``base`` to ``out`` (A as PEFT initialises it, B zero),
-    reading only the base's safetensors headers; ``out`` appears complete or not at all."""
+    reading only the base's safetensors headers; ``out`` appears complete or not at all.
+    ``r`` and ``alpha`` give a facility its own rank and alpha (lora-stacked)."""
     import torch
     from safetensors.torch import save_file
 
+    settings = settings.for_facility(r, alpha)
     out = Path(out)
     if out.exists():
         raise AdapterError(f"{out}: already exists")

@@ -2,7 +2,9 @@
 
     python -m xffl_tasks.aggregate --previous PREV_DIR --out OUT_DIR [--strategy NAME]
         [--weights W1,W2,...] [--names N1,N2,...] [--option KEY=VALUE ...]
-        [--min-clients N] [--max-weight-share X] [--input-hashes FILE] CLIENT_DIR [CLIENT_DIR ...]
+        [--min-clients N] [--max-weight-share X] [--input-hashes FILE]
+        [--max-samples M1,M2,...] [--norm-bound K [--norm-bound-action clip|refuse]]
+        CLIENT_DIR [CLIENT_DIR ...]
 
 On success it prints one line (where the model went, the global update norm, the seconds) and
 exits 0 (clients left out by their checks are named on stderr, one line each). On bad input it prints one line, ``xffl-aggregate: error: ...``, exits 2, and leaves
@@ -35,6 +37,22 @@ def parse_weights(text: str) -> list[float]:
             raise AggregationError(
                 f"--weights: value {position} ({item.strip()!r}) is not a number"
             ) from None
+    return values
+
+
+def parse_max_samples(text: str) -> list[int | None]:
+    """``"1000,,500"`` -> ``[1000, None, 500]`` (empty: no bound for that client)."""
+    values: list[int | None] = []
+    for position, item in enumerate(text.split(","), 1):
+        item = item.strip()
+        if not item:
+            values.append(None)
+            continue
+        if not item.isdigit() or len(item) > 19:
+            raise AggregationError(
+                f"--max-samples: value {position} ({item!r}) is not a whole number"
+            )
+        values.append(int(item))
     return values
 
 
@@ -109,6 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON: path -> {sha256, size, mtime_ns} of input files hashed elsewhere (by the "
         "transfer); files whose size or mtime differ are hashed again (default: hash every file)",
     )
+    parser.add_argument(
+        "--max-samples",
+        metavar="M1,M2,...",
+        help="per client, the most num_samples its metrics.json may claim (empty: no bound); "
+        "a client claiming more is left out",
+    )
+    parser.add_argument(
+        "--norm-bound",
+        type=float,
+        metavar="K",
+        help="clip (or refuse) clients whose update norm is above K x the median client norm",
+    )
+    parser.add_argument(
+        "--norm-bound-action",
+        choices=("clip", "refuse"),
+        default="clip",
+        help="what --norm-bound does to a client above it (default clip)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     parser.add_argument(
         "clients", nargs="+", metavar="CLIENT_DIR", help="the clients' model folders"
@@ -135,6 +171,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_clients=args.min_clients,
             max_weight_share=args.max_weight_share,
             input_hashes=given,
+            max_samples=parse_max_samples(args.max_samples)
+            if args.max_samples is not None
+            else None,
+            norm_bound=args.norm_bound,
+            norm_bound_action=args.norm_bound_action,
         )
     except AggregationError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -144,6 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     for name, reason in report["rejected"].items():
         print(f"{PROG}: warning: client {name!r} left out: {reason}", file=sys.stderr)
+    for name, clip in ((report.get("norm_bound") or {}).get("clipped") or {}).items():
+        print(
+            f"{PROG}: warning: client {name!r} clipped: update norm {clip['norm']:.6g} "
+            f"scaled by {clip['scale']:.6g} (--norm-bound)",
+            file=sys.stderr,
+        )
     for path in report.get("input_hashes", {}).get("stale", []):
         print(
             f"{PROG}: warning: {path} changed since its hash was given: hashed again",

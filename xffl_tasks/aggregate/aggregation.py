@@ -24,23 +24,31 @@ from pathlib import Path
 
 import torch
 
+from xffl_tasks.aggregate.client_check import client_weight, open_client_model
 from xffl_tasks.aggregate.client_order import by_name
 from xffl_tasks.aggregate.engine import NonFiniteClients, StreamOutcome, stream_aggregate
 from xffl_tasks.aggregate.errors import AggregationError
 from xffl_tasks.aggregate.files import copy_file, sha256_file
 from xffl_tasks.aggregate.input_hashes import COMPUTED, GIVEN, HashBook
 from xffl_tasks.aggregate.inputs import check_client_inputs
-from xffl_tasks.aggregate.lora_options import ADAPTER_STRATEGIES
-from xffl_tasks.aggregate.model_folder import ModelFolder, check_same_tensors, open_model_folder
+from xffl_tasks.aggregate.lora_options import ADAPTER_STRATEGIES, RENAMED_STRATEGIES
+from xffl_tasks.aggregate.model_folder import ModelFolder, open_model_folder
 from xffl_tasks.aggregate.report import REPORT_FILE, build_report
 from xffl_tasks.aggregate.server_state import ServerState, open_server_state
 from xffl_tasks.aggregate.staging import staged_folder
 from xffl_tasks.aggregate.strategies import Strategy, make_strategy
+from xffl_tasks.aggregate.update_bounds import (
+    BoundOutcome,
+    NormBound,
+    apply_norm_bound,
+    check_max_samples,
+    check_norm_bound,
+)
+from xffl_tasks.aggregate.update_norms import update_norms
 from xffl_tasks.aggregate.weights import (
     ClientWeight,
     check_given_weights,
     normalize,
-    weight_from_metrics,
 )
 
 logger = logging.getLogger(__name__)
@@ -131,20 +139,42 @@ def _check_clients(
     names: Sequence[str],
     paths: Sequence[Path],
     given: Sequence[ClientWeight] | None,
+    max_samples: Sequence[int | None],
     rejected: dict[str, str],
 ) -> list[_Client]:
-    """The clients whose metrics, headers and tensors pass; the others go to ``rejected``."""
+    """The clients whose metrics, headers and tensors pass (``client_check``, as the pull
+    checks them); the others go to ``rejected``."""
     clients = []
     for index, (name, path) in enumerate(zip(names, paths)):
         try:
-            weight = given[index] if given is not None else weight_from_metrics(path, name)
-            model = open_model_folder(path, label=f"client {name!r}")
-            check_same_tensors(previous, model)
+            mine = given[index] if given is not None else None
+            weight = client_weight(path, name, mine, max_samples[index])
+            model = open_client_model(previous, path, name)
         except AggregationError as error:
             _reject(rejected, name, str(error))
             continue
         clients.append(_Client(name, path, weight, model))
     return clients
+
+
+def _bound_norms(
+    previous: ModelFolder, accepted: list[_Client], bound: NormBound, rejected: dict[str, str]
+) -> tuple[list[_Client], BoundOutcome | None]:
+    """The norm bound applied (a first pass computing every update norm): the clients kept,
+    and what was clipped or refused. NaN or Inf found on the way leaves a client out."""
+    norms = update_norms(previous, [client.model for client in accepted])
+    kept = []
+    for client, result in zip(accepted, norms):
+        if result.problem is not None:
+            _reject(rejected, client.name, f"{client.model.label}: {result.problem}")
+        else:
+            kept.append((client, result.norm))
+    if not kept:
+        return [], None
+    outcome = apply_norm_bound({client.name: norm for client, norm in kept}, bound)
+    for name, reason in outcome.refused.items():
+        _reject(rejected, name, reason)
+    return [client for client, _ in kept if client.name not in outcome.refused], outcome
 
 
 def _reject(rejected: dict[str, str], name: str, reason: str) -> None:
@@ -173,6 +203,9 @@ def aggregate(
     min_clients: int | None = None,
     max_weight_share: float | None = None,
     input_hashes: Mapping[str | os.PathLike, Mapping[str, object]] | HashBook | None = None,
+    max_samples: Sequence[int | None] | None = None,
+    norm_bound: float | None = None,
+    norm_bound_action: str = "clip",
 ) -> dict:
     """Aggregates the client model folders into the next global model at ``out``.
 
@@ -188,7 +221,10 @@ def aggregate(
         (``client_order``), so that the same clients always give the same bytes.
     :param out: the new folder; must not exist. It appears only complete.
     :param strategy: fedavg, fedavgm, fedadam, fedyogi, trimmed-mean or median; for LoRA
-        adapter folders lora-fedavg, lora-exact or lora-frozen-a (``xffl_tasks.aggregate.lora``).
+        adapter folders lora-fedavg, lora-svd or lora-frozen-a (``xffl_tasks.aggregate.lora``),
+        or lora-stacked (``xffl_tasks.aggregate.lora_stacked``: ``previous`` is then the round's
+        canonical base model, or the previous lora-stacked output, and ``out`` receives the
+        stacked update and the next canonical base).
     :param weights: one positive weight per client; default: each metrics.json's num_samples.
     :param names: the clients' names in the report and in messages; default: folder names.
     :param options: the strategy's hyperparameters (e.g. server_learning_rate).
@@ -200,15 +236,34 @@ def aggregate(
     :param input_hashes: hashes of input files computed elsewhere (the transfer that fetched
         them): path -> ``{"sha256", "size", "mtime_ns"}``. A file whose size and mtime still
         match is not hashed again; any other is (the report's ``input_hashes`` says which).
+    :param max_samples: per client (in the order of ``clients``), the most num_samples its
+        metrics.json may claim, or None; a client claiming more is left out (``update_bounds``).
+    :param norm_bound: a multiplier ``k``: a client whose update norm is above ``k`` times the
+        median client norm is clipped to that limit or refused (``norm_bound_action``: clip or
+        refuse); the report's ``norm_bound`` says which, with every norm. Default: no bound.
     :returns: what was written to ``out/aggregation.json``.
     :raises AggregationError: on bad input, naming the client, file, tensor or field.
     """
+    bound = check_norm_bound(norm_bound, norm_bound_action)
+    if strategy in RENAMED_STRATEGIES:
+        raise AggregationError(RENAMED_STRATEGIES[strategy])
+    if strategy == "lora-stacked":  # the facilities' factors stacked, merged into the base
+        from xffl_tasks.aggregate.lora_stacked import aggregate_stacked
+
+        if bound is not None:
+            raise AggregationError("norm_bound is not offered by lora-stacked yet")
+
+        return aggregate_stacked(
+            previous, clients, out, weights=weights, names=names, options=options,
+            min_clients=min_clients, max_weight_share=max_weight_share, max_samples=max_samples,
+        )  # fmt: skip
     if strategy in ADAPTER_STRATEGIES:  # LoRA adapter folders: xffl_tasks.aggregate.lora
         from xffl_tasks.aggregate.lora import aggregate_adapters
 
         return aggregate_adapters(
             previous, clients, out, strategy=strategy, weights=weights, names=names,
             options=options, min_clients=min_clients, max_weight_share=max_weight_share,
+            max_samples=max_samples, norm_bound=bound,
         )  # fmt: skip
     started = time.perf_counter()
     previous, out = Path(previous), Path(out)
@@ -221,10 +276,18 @@ def aggregate(
         input_hashes if isinstance(input_hashes, HashBook) else HashBook.from_mapping(input_hashes)
     )
     given = check_given_weights(names, weights) if weights is not None else None
-    names, client_paths, given = by_name(names, client_paths, given)  # sums in a fixed order
+    bounds = check_max_samples(max_samples, len(names))
+    names, client_paths, per_client = by_name(  # sums in a fixed order
+        names, client_paths, list(zip(given or [None] * len(names), bounds))
+    )
+    given = [weight for weight, _ in per_client] if given is not None else None
+    bounds = [bound for _, bound in per_client]
     previous_model = open_model_folder(previous, label=PREVIOUS_LABEL)
     rejected: dict[str, str] = {}
-    accepted = _check_clients(previous_model, names, client_paths, given, rejected)
+    accepted = _check_clients(previous_model, names, client_paths, given, bounds, rejected)
+    bounded = None
+    if bound is not None:  # a first pass computing every update norm
+        accepted, bounded = _bound_norms(previous_model, accepted, bound, rejected)
     floating = [
         e for shard in previous_model.shards for e in shard.header.tensors if e.dtype.floating
     ]
@@ -245,7 +308,8 @@ def aggregate(
             report = _aggregate_pass(
                 previous_model, accepted, rule, state, rounds, normalized, out, chunk_elements,
                 started=started, rejected=rejected, min_clients=min_clients,
-                max_weight_share=max_weight_share, given_hashes=book,
+                max_weight_share=max_weight_share, given_hashes=book, bounded=bounded,
+                max_samples=dict(zip(names, bounds)) if max_samples is not None else None,
             )  # fmt: skip
             break
         except NonFiniteClients as error:  # the staged output is gone: start again without them
@@ -280,6 +344,8 @@ def _aggregate_pass(
     min_clients: int,
     max_weight_share: float | None,
     given_hashes: HashBook,
+    bounded: BoundOutcome | None,
+    max_samples: Mapping[str, int | None] | None,
 ) -> dict:
     """One streaming pass into a staging folder renamed to ``out`` once complete."""
     previous = previous_model.path
@@ -296,6 +362,7 @@ def _aggregate_pass(
                 stage=stage,
                 chunk_elements=chunk_elements,
                 given_hashes=given_hashes,
+                scales=[bounded.scales.get(c.name, 1.0) for c in accepted] if bounded else None,
             )
         files = _carry_and_hash_other_files(
             previous, [c.path for c in accepted], stage, outcome, given_hashes
@@ -329,6 +396,8 @@ def _aggregate_pass(
         report["rejected"] = dict(rejected)
         report["min_clients"] = min_clients
         report["max_weight_share"] = max_weight_share
+        report["max_samples"] = dict(max_samples) if max_samples is not None else None
+        report["norm_bound"] = bounded.report() if bounded is not None else None
         with open(stage / REPORT_FILE, "x", encoding="utf-8") as file:
             file.write(json.dumps(report, indent=2) + "\n")
             file.flush()

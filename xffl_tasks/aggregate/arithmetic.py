@@ -6,8 +6,12 @@ previous``; the strategy combines them and steps its server optimiser; the new v
 ``previous + change``, rounded once to the tensor's dtype. On the way it sums, in float64, each
 client's squared update norm, each update's dot product with the change, and the change's own
 squared norm: the statistics of ``aggregation.json``. A NaN or Inf in an input stops it with
-the client, the tensor and the element named. Non-floating tensors (integer buffers) are
-carried over from the previous model unchanged.
+the client, the tensor and the element named. Every output is checked finite (the update,
+the change, the new values in the tensor's dtype, the new server state; statistics that only
+overflow float32 are summed again in float64): when finite inputs overflow, the clients to
+blame are found by leaving them out (``finite_output``) and raised as ``NonFiniteClients``.
+A client's update may be scaled (``scales``: the norm bound's clipping). Non-floating tensors
+(integer buffers) are carried over from the previous model unchanged.
 
 FedAvg on bf16 and float32 tensors takes a shortcut when numba is installed: one compiled pass
 over the chunk's slot (``fused``), the same values and statistics without the float32 copies.
@@ -27,11 +31,9 @@ import torch
 
 from xffl_tasks.aggregate import fused
 from xffl_tasks.aggregate.chunk_loader import LoadedChunk
-from xffl_tasks.aggregate.errors import AggregationError
+from xffl_tasks.aggregate.errors import AggregationError, NonFiniteClients
+from xffl_tasks.aggregate.finite_output import chunk_culprits
 from xffl_tasks.aggregate.strategies import Strategy
-
-#: Dtypes whose range is narrower than float32's: rounding to them may overflow.
-NARROW_RANGE = frozenset({"F16", "F8_E4M3", "F8_E5M2"})
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,21 @@ def fused_kernel(strategy: Strategy, dtype: str):
     return fused.KERNELS.get(dtype)
 
 
+_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite. A sum is finite only if every term is, and costs a
+    fraction of ``isfinite``; only a sum that overflows (or holds NaN or Inf) is looked at
+    element by element. float8 is widened first (no float8 kernels)."""
+    if tensor.dtype in _FLOAT8:
+        tensor = tensor.float()
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if math.isfinite(torch.sum(tensor, dtype=wide).item()):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def element_index(shape: Sequence[int], flat: int) -> list[int]:
     """The multi-dimensional index of element ``flat`` of a row-major tensor of ``shape``."""
     index = []
@@ -100,15 +117,25 @@ class ChunkArithmetic:
     :param weights: the clients' normalised weights, in source order.
     :param labels: how messages name the sources: previous model first, then each client.
     :param capacity: the most elements one chunk holds.
+    :param scales: per client, a factor on its update (the norm bound's clipping); None: ones.
     """
 
     def __init__(
-        self, *, strategy: Strategy, weights: Sequence[float], labels: Sequence[str], capacity: int
+        self,
+        *,
+        strategy: Strategy,
+        weights: Sequence[float],
+        labels: Sequence[str],
+        capacity: int,
+        scales: Sequence[float] | None = None,
     ):
         self.strategy = strategy
         self.labels = list(labels)
         self.clients = len(weights)
         self.capacity = capacity
+        self.weights = [float(w) for w in weights]
+        self.scales = [float(s) for s in scales] if scales is not None else [1.0] * self.clients
+        self.scaled = any(s != 1.0 for s in self.scales)
         self._weights = {
             dtype: torch.tensor(list(weights), dtype=dtype)
             for dtype in (torch.float32, torch.float64)
@@ -140,7 +167,7 @@ class ChunkArithmetic:
         dtype = task.tensor.dtype
         if not dtype.floating:
             return ChunkResult(task.tensor.name, chunk.raw(0), [])
-        kernel = fused_kernel(self.strategy, dtype.name)
+        kernel = fused_kernel(self.strategy, dtype.name) if not self.scaled else None
         if kernel is not None:
             result = self._apply_fused(kernel, chunk)
             if result is not None:
@@ -149,29 +176,39 @@ class ChunkArithmetic:
         previous.copy_(chunk.tensor(0))
         for client in range(self.clients):
             updates[client].copy_(chunk.tensor(1 + client)).sub_(previous)
+            if self.scales[client] != 1.0:
+                updates[client].mul_(self.scales[client])
         squares = [torch.dot(update, update).item() for update in updates]
         if not all(math.isfinite(square) for square in squares):
             self._check_finite(chunk, updates, squares)
+            if not all(math.isfinite(square) for square in squares):
+                self._overflow(chunk, f"an update overflows {dtype.compute}")
         combined = self.strategy.combine(updates, self._weights[dtype.compute])
         state = [chunk.tensor(1 + self.clients + s) for s in range(len(self.strategy.state_names))]
         change, new_state = self.strategy.step(combined, state)
         change_squared = torch.dot(change, change).item()
         if not math.isfinite(change_squared):
-            raise AggregationError(
-                f"tensor {task.tensor.name!r}: the {self.strategy.name} change is not finite "
-                "(server state or options out of range?)"
-            )
+            if not _finite(change):
+                self._overflow(
+                    chunk,
+                    f"the {self.strategy.name} change is not finite (server state or options "
+                    "out of range?)",
+                )
+            change_squared = torch.dot(change.double(), change.double()).item()
         dots = torch.mv(updates, change).tolist()
+        if not all(math.isfinite(dot) for dot in dots):  # products beyond float32's range
+            dots = torch.mv(updates.double(), change.double()).tolist()
         previous.add_(change)
         if output is None:  # the tensor's dtype is the compute dtype
             output = previous
         else:
             output.copy_(previous)
-        if dtype.name in NARROW_RANGE and not bool(torch.isfinite(output.float()).all()):
-            raise AggregationError(
-                f"tensor {task.tensor.name!r}: the new values overflow {dtype.name} "
-                "(server learning rate too large?)"
+        if not _finite(output):
+            self._overflow(
+                chunk, f"the new values overflow {dtype.name} (server learning rate too large?)"
             )
+        if not all(_finite(s) for s in new_state):
+            self._overflow(chunk, f"the {self.strategy.name} server state is not finite")
         return ChunkResult(
             task.tensor.name,
             as_bytes(output),
@@ -204,6 +241,11 @@ class ChunkArithmetic:
             return None
         if not math.isfinite(change_squared):
             return None
+        # A new value is a convex combination of finite inputs (the weights sum to one), up to
+        # float32 rounding: it can exceed bf16's largest value by far less than the half ulp
+        # that rounds it to Inf. float32's own largest value has no such headroom: checked.
+        if raw is np.float32 and not _finite(torch.from_numpy(out)):
+            return None  # a new value overflows: the torch way finds the client to blame
         return ChunkResult(
             task.tensor.name,
             memoryview(out.view(np.uint8)),
@@ -228,6 +270,32 @@ class ChunkArithmetic:
                 squares[client] = torch.dot(
                     updates[client].double(), updates[client].double()
                 ).item()
+
+    def _overflow(self, chunk: LoadedChunk, problem: str) -> None:
+        """Raises NonFiniteClients naming the clients whose leaving out makes the chunk's
+        output finite, else AggregationError with ``problem`` (the inputs are finite)."""
+        task = chunk.task
+        compute = task.tensor.dtype.compute
+        states = len(self.strategy.state_names)
+        culprits = chunk_culprits(
+            self.strategy,
+            chunk.tensor(0).to(compute),
+            [chunk.tensor(1 + client) for client in range(self.clients)],
+            self.weights,
+            self.scales,
+            [chunk.tensor(1 + self.clients + s).clone() for s in range(states)],
+            task.tensor.dtype.torch,
+        )
+        name = task.tensor.name
+        if culprits is None:
+            raise AggregationError(f"tensor {name!r}: {problem}")
+        raise NonFiniteClients(
+            {
+                client: f"tensor {name!r}: its values (up to {distance:.6g} from the previous "
+                f"model's) make the {self.strategy.name} output non-finite ({problem})"
+                for client, distance in culprits.items()
+            }
+        )
 
     def _raise_if_not_finite(self, chunk: LoadedChunk, source: int) -> None:
         values = chunk.tensor(source).float()  # isfinite has no float8 kernels

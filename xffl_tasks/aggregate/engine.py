@@ -27,7 +27,7 @@ from xffl_tasks.aggregate.arithmetic import (
     fused_kernel,
 )
 from xffl_tasks.aggregate.chunk_loader import ChunkLoader, ChunkTask, LoadedChunk, Read
-from xffl_tasks.aggregate.errors import AggregationError
+from xffl_tasks.aggregate.errors import AggregationError, NonFiniteClients
 from xffl_tasks.aggregate.files import InputFile, OutputFile
 from xffl_tasks.aggregate.input_hashes import HashBook
 from xffl_tasks.aggregate.model_folder import ModelFolder, TensorLocation
@@ -87,14 +87,6 @@ def split(count: int, chunk: int) -> Iterator[tuple[int, int]]:
     """(first, count) of the chunks covering ``count`` elements (none for an empty tensor)."""
     for first in range(0, count, chunk):
         yield first, min(chunk, count - first)
-
-
-class NonFiniteClients(AggregationError):
-    """Clients whose weights hold NaN or Inf: ``clients`` maps their index to the reason."""
-
-    def __init__(self, clients: dict[int, str]):
-        self.clients = clients
-        super().__init__("; ".join(clients.values()))
 
 
 def non_finite_clients(chunk: LoadedChunk, clients: int) -> dict[int, str]:
@@ -275,14 +267,17 @@ def stream_aggregate(
     stage: Path,
     chunk_elements: int | None = None,
     given_hashes: HashBook | None = None,
+    scales: Sequence[float] | None = None,
 ) -> StreamOutcome:
     """Aggregates into ``stage``: the model's shards, and the server state if the strategy keeps one.
 
     ``weights`` are normalised; ``state`` is the previous round's (None: zeros); ``rounds``
     goes into the new state's metadata; ``given_hashes`` spare the hashing of the files whose
-    size and mtime still match. Raises ``NonFiniteClients`` when clients' weights hold
-    NaN or Inf (found by the arithmetic's own finiteness check of each update's squared norm),
-    so that the caller can drop them and start the pass again.
+    size and mtime still match; ``scales`` multiply each client's update (the norm bound's
+    clipping; None: ones). Raises ``NonFiniteClients`` when clients' weights hold NaN or Inf
+    (found by the arithmetic's own finiteness check of each update's squared norm), or when
+    finite values of theirs make the output non-finite, so that the caller can drop them and
+    start the pass again.
     """
     order = [entry for shard in previous.shards for entry in shard.header.tensors]
     shard_of = {
@@ -290,7 +285,10 @@ def stream_aggregate(
     }
     states = len(strategy.state_names)
     itemsize = max((entry.dtype.itemsize for entry in order), default=1)
-    fused = all(fused_kernel(strategy, entry.dtype.name) for entry in order if entry.dtype.floating)
+    scaled = scales is not None and any(scale != 1.0 for scale in scales)
+    fused = not scaled and all(
+        fused_kernel(strategy, entry.dtype.name) for entry in order if entry.dtype.floating
+    )
     if chunk_elements is None:
         chunk_elements = choose_chunk_elements(
             clients=len(clients),
@@ -330,6 +328,7 @@ def stream_aggregate(
             weights=weights,
             labels=[folder.label for folder in folders],
             capacity=chunk_elements,
+            scales=scales,
         )
         statistics = UpdateStatistics([0.0] * len(clients), [0.0] * len(clients))
         loader = ChunkLoader(tasks=tasks(), slot_bytes=slot_bytes, slots=SLOTS)

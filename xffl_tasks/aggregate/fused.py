@@ -43,7 +43,8 @@ try:
 except ImportError:  # pragma: no cover (numba is in requirements.lock)
     njit = None
 
-#: The kernels' signature, compiled (or loaded from the cache) on import: previous values,
+#: The kernels' signature, compiled on import (never cached on disk: numba's cache is a pickle,
+#: and no pickle is ever loaded; the preloading executor compiles once, before it forks): previous values,
 #: clients (one row each: its first ``len(previous)`` elements are read), weights, output,
 #: squares, dots. Contiguous arrays only: strided ones would not vectorise.
 _SIGNATURE = "float64({0}[::1], {0}[:, ::1], float32[::1], {0}[::1], float64[::1], float64[::1])"
@@ -52,17 +53,17 @@ KERNELS: dict[str, Callable] = {}
 
 if njit is not None:
 
-    @njit(nogil=True, cache=True, inline="always")
+    @njit(nogil=True, cache=False, inline="always")
     def _widen_bf16(bits):
         return np.uint32(np.uint32(bits) << np.uint32(16)).view(np.float32)
 
-    @njit(nogil=True, cache=True, inline="always")
+    @njit(nogil=True, cache=False, inline="always")
     def _narrow_bf16(value):
         bits = np.float32(value).view(np.uint32)
         bits = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
         return np.uint16(bits >> np.uint32(16))
 
-    @njit(_SIGNATURE.format("uint16"), nogil=True, cache=True, fastmath=_REASSOCIATE)
+    @njit(_SIGNATURE.format("uint16"), nogil=True, cache=False, fastmath=_REASSOCIATE)
     def fedavg_bf16(previous, clients, weights, out, squares, dots):
         """``previous``, ``out``: uint16 [n] (bf16 bits); ``clients``: uint16 [k, >= n];
         ``weights``: float32 [k]. Adds each client's squared update norm and dot product with
@@ -102,7 +103,7 @@ if njit is not None:
                 after[i] = _narrow_bf16(_widen_bf16(before[i]) + c)
         return change_squared
 
-    @njit(_SIGNATURE.format("float32"), nogil=True, cache=True, fastmath=_REASSOCIATE)
+    @njit(_SIGNATURE.format("float32"), nogil=True, cache=False, fastmath=_REASSOCIATE)
     def fedavg_f32(previous, clients, weights, out, squares, dots):
         """As ``fedavg_bf16``, on float32 values."""
         k = clients.shape[0]

@@ -6,14 +6,15 @@ adds ``scaling * B @ A`` to the base weight. Every client starts the round from 
 
 - :func:`average_factors` (``lora-fedavg``): ``sum w_i A_i`` and ``sum w_i B_i``. Cheap and
   common, but ``(sum w_i B_i)(sum w_i A_i)`` is not ``sum w_i B_i A_i``: inexact.
-- :func:`exact_factors` (``lora-exact``): the weighted mean of the products ``M = sum w_i
+- :func:`svd_factors` (``lora-svd``): the weighted mean of the products ``M = sum w_i
   B_i A_i`` (with a server learning rate ``eta``: ``B0 A0 + eta (M - B0 A0)``), re-factorised
-  to rank ``r`` by a truncated SVD. ``M`` is never formed: it is ``[w_1 B_1 ... w_n B_n] @
+  to rank ``r`` by a truncated SVD: the best rank-``r`` approximation, not ``M`` itself. ``M`` is never formed: it is ``[w_1 B_1 ... w_n B_n] @
   [A_1; ...; A_n]``, a product of an ``[out, n r]`` and an ``[n r, in]`` matrix, so two thin QR
   decompositions and the SVD of an ``[n r, n r]`` core give its singular values exactly, in
   ``O((out + in) (n r)^2)``. Only when ``n r`` reaches the layer's smaller side does forming
   ``M`` and a randomised SVD (``torch.svd_lowrank``) pay. What rank ``r`` cannot hold is
-  returned as ``||M - B A||_F / ||M||_F``.
+  returned as ``||M - B A||_F / ||M||_F``. ``lora-stacked`` keeps ``M`` whole instead, as the
+  stacked factors (``lora_stacked_math``).
 - :func:`frozen_a_factors` (``lora-frozen-a``): every client kept the round's ``A``, so
   ``sum w_i B_i A = (sum w_i B_i) A``: averaging ``B`` is exact.
 
@@ -82,7 +83,7 @@ def _split(
     return a, b
 
 
-def exact_factors(
+def svd_factors(
     a: Sequence[torch.Tensor],
     b: Sequence[torch.Tensor],
     coefficients: Sequence[float],

@@ -1,21 +1,23 @@
 """A facility's ``metrics.json``: untrusted input, read bounded and checked against a schema.
 
 Limits: at most ``MAX_METRICS_BYTES`` bytes (no more are read), at most ``MAX_DEPTH`` levels
-of nesting (checked before parsing), and the schema of ``FIELDS``: ``num_samples`` is a whole
-number from 1 to ``MAX_NUM_SAMPLES``; counts are whole numbers from 0 to ``MAX_COUNT``;
-losses, times and rates are finite numbers (or null); names are strings of at most
-``MAX_STRING`` characters; ``data``, ``hyperparameters`` and ``versions`` are flat maps of at
-most ``MAX_MAP_ENTRIES`` such scalars or lists of strings. Unknown fields are dropped. The result is small and
-JSON-safe: only it travels on (XCom, the round's manifest, the aggregation's report).
+of nesting (checked before parsing), integers of at most ``MAX_INT_DIGITS`` digits, strict
+UTF-8 and no duplicate keys (``bounded_json.load_json``), and the schema of ``FIELDS``:
+``num_samples`` is a whole number from 1 to ``MAX_NUM_SAMPLES``; counts are whole numbers from
+0 to ``MAX_COUNT``; losses are finite numbers within +-``MAX_LOSS`` and the other numbers
+(times, rates, epochs) finite numbers within their ``NUMBER_BOUNDS`` (or null); names are
+strings of at most ``MAX_STRING`` characters; ``data``, ``hyperparameters``, ``versions`` and
+``privacy`` are flat maps of at most ``MAX_MAP_ENTRIES`` scalars (numbers within
++-``MAX_COUNT``) or lists of strings. Unknown fields are dropped. The result is small and JSON-safe: only it travels on
+(XCom, the round's manifest, the aggregation's report, the UI's plots).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from xffl_tasks.aggregate.bounded_json import exceeds_depth
+from xffl_tasks.aggregate.bounded_json import JSONError, load_json
 from xffl_tasks.aggregate.errors import AggregationError
 
 METRICS_FILE = "metrics.json"
@@ -25,6 +27,20 @@ MAX_NUM_SAMPLES = 10**12
 MAX_COUNT = 10**18
 MAX_STRING = 1024
 MAX_MAP_ENTRIES = 128
+#: Longer integers are refused unparsed; shorter ones reach the schema, which names the field.
+MAX_INT_DIGITS = 1000
+#: A loss beyond this is no loss a model reports (and the UI could not plot it).
+MAX_LOSS = 1e6
+LOSSES = ("val_loss_before", "val_loss_after", "train_loss", "train_loss_last")
+#: The finite range of each number field (inclusive).
+NUMBER_BOUNDS: dict[str, tuple[float, float]] = {
+    **dict.fromkeys(LOSSES, (-MAX_LOSS, MAX_LOSS)),
+    "epochs": (0.0, 1e6),
+    **dict.fromkeys(("seconds", "total_seconds", "step_seconds_median"), (0.0, 1e8)),
+    "cpu_seconds": (0.0, 1e11),
+    "tokens_per_second": (0.0, 1e12),
+    "learning_rate_last": (0.0, 1e3),
+}
 
 # field -> kind; num_samples is required.
 FIELDS = {
@@ -35,12 +51,7 @@ FIELDS = {
         "count",
     ),
     "seed": "integer",
-    **dict.fromkeys(
-        ("val_loss_before", "val_loss_after", "train_loss", "train_loss_last", "epochs", "seconds",
-         "cpu_seconds", "step_seconds_median", "tokens_per_second", "learning_rate_last",
-         "total_seconds"),
-        "number",
-    ),
+    **dict.fromkeys(NUMBER_BOUNDS, "number"),
     **dict.fromkeys(
         ("launcher", "device", "precision", "parallelism", "model", "started_at",
          "finished_at"),
@@ -49,6 +60,8 @@ FIELDS = {
     "data": "map",
     "hyperparameters": "map",
     "versions": "map",
+    # DP-SGD runs: the parameters the accountant needs (xffl_tasks.privacy.params_from_metrics)
+    "privacy": "map",
 }  # fmt: skip
 
 
@@ -86,9 +99,16 @@ def _check(client: str, field: str, kind: str, value: object) -> object:
             return None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise refuse("is not a number")
-        if _whole(value) and abs(value) > MAX_COUNT or not math.isfinite(float(value)):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
             raise refuse("is not a finite number")
-        return float(value)
+        low, high = NUMBER_BOUNDS.get(field, (-MAX_COUNT, MAX_COUNT))
+        if not low <= number <= high:
+            raise refuse(f"is not a number from {low:g} to {high:g}")
+        return number
     if kind == "string":
         if value is None:
             return None
@@ -127,16 +147,12 @@ def _check(client: str, field: str, kind: str, value: object) -> object:
 
 def parse_metrics(data: bytes, client: str) -> dict:
     """The validated metrics in ``data`` (a metrics.json's bytes), known fields only."""
-    if len(data) > MAX_METRICS_BYTES:
-        raise MetricsError(client, None, f"is larger than {MAX_METRICS_BYTES} bytes")
-    if exceeds_depth(data, MAX_DEPTH):
-        raise MetricsError(client, None, f"nests deeper than {MAX_DEPTH} levels")
     try:
-        metrics = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as error:
-        raise MetricsError(client, None, f"is not UTF-8 ({error.reason})") from None
-    except ValueError as error:  # JSONDecodeError, or an integer of more than 4300 digits
-        raise MetricsError(client, None, f"is not valid JSON ({str(error)[:200]})") from None
+        metrics = load_json(
+            data, max_bytes=MAX_METRICS_BYTES, max_depth=MAX_DEPTH, max_int_digits=MAX_INT_DIGITS
+        )
+    except JSONError as error:
+        raise MetricsError(client, None, str(error)) from None
     if not isinstance(metrics, dict):
         raise MetricsError(client, None, "is not a JSON object")
     if "num_samples" not in metrics:

@@ -8,11 +8,11 @@ model differently. Pickle checkpoints (``.bin``, ``.pt``, ...) are refused, neve
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from xffl_tasks.aggregate.bounded_json import JSONError, load_json
 from xffl_tasks.aggregate.errors import AggregationError
 from xffl_tasks.aggregate.safetensors_format import (
     HeaderError,
@@ -23,6 +23,10 @@ from xffl_tasks.aggregate.safetensors_format import (
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+#: The largest index read (a model of 100,000 tensors needs about 10 MB).
+MAX_INDEX_BYTES = 32 << 20
+#: ``{"metadata": {...}, "weight_map": {...}}``: two levels; one more for what metadata holds.
+MAX_INDEX_DEPTH = 3
 #: Suffixes of pickle-based checkpoints: refused wherever they appear in a model folder.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -91,10 +95,12 @@ def _shard(folder: Path, file: str, label: str) -> Shard:
 
 
 def _read_weight_map(path: Path, label: str) -> dict[str, str]:
+    with open(path, "rb") as file:
+        data = file.read(MAX_INDEX_BYTES + 1)
     try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise AggregationError(f"{label}: {INDEX_FILE} is not valid JSON ({error})") from None
+        index = load_json(data, max_bytes=MAX_INDEX_BYTES, max_depth=MAX_INDEX_DEPTH)
+    except JSONError as error:
+        raise AggregationError(f"{label}: {INDEX_FILE} {error}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise AggregationError(

@@ -8,6 +8,14 @@ The tensors cover the buffer exactly: no holes, no overlaps, nothing after the l
 Parsing checks all of that (header length and offsets within the file, known dtype names,
 shapes that match the byte sizes, no duplicate names), so that readers can later ``pread`` a
 tensor's bytes with no further checks. Nothing here ever unpickles anything.
+
+A header accepted here is accepted by the ``safetensors`` library too (its Rust ``serde_json``
+and torch), so that no reader of a facility's file fails after these checks passed: the JSON
+is read by ``bounded_json.load_json`` (strict UTF-8, no lone surrogate escape, no key twice,
+integers of at most 20 digits), and a shape's dimensions multiply to at most ``MAX_ELEMENTS``
+even when one of them is zero (the library and torch refuse the overflow of any partial
+product). ``load_tensors`` reads the tensors of a parsed file from its bytes, without the
+library.
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from xffl_tasks.aggregate.bounded_json import exceeds_depth
+from xffl_tasks.aggregate.bounded_json import JSONError, load_json
+from xffl_tasks.aggregate.errors import AggregationError
 
 #: The largest header accepted (the reference implementation's limit).
 MAX_HEADER_BYTES = 100_000_000
@@ -32,6 +41,9 @@ HEADER_ALIGNMENT = 8
 MAX_HEADER_DEPTH = 3
 #: The most bytes ``__metadata__``'s keys and values may take together (UTF-8).
 MAX_METADATA_BYTES = 64 << 10
+#: The most elements a shape may describe, its zero dimensions counted as one (torch's int64
+#: sizes and strides; the library's checked products of usize).
+MAX_ELEMENTS = 2**63 - 1
 _ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 
@@ -72,8 +84,9 @@ DTYPES: dict[str, DType] = {
 }
 
 
-class HeaderError(ValueError):
-    """A safetensors header that breaks the format (the message names the tensor if any)."""
+class HeaderError(AggregationError):
+    """A safetensors header that breaks the format (the message names the tensor if any;
+    callers add the file and the folder)."""
 
 
 @dataclass(frozen=True)
@@ -132,15 +145,6 @@ def parse_header_length(prefix: bytes, file_size: int) -> int:
     return length
 
 
-def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    seen: dict[str, object] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise HeaderError(f"tensor {key!r} appears twice in the header")
-        seen[key] = value
-    return seen
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -155,6 +159,11 @@ def _parse_entry(name: str, raw: object) -> TensorEntry:
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise HeaderError(
             f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers"
+        )
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise HeaderError(
+            f"tensor {name!r}: shape {shape!r} has dimensions whose product exceeds "
+            f"{MAX_ELEMENTS} (even with a zero dimension, torch and safetensors refuse it)"
         )
     if (
         not isinstance(offsets, list)
@@ -198,14 +207,10 @@ def parse_header(
 
     Returns the tensors in data order and the ``__metadata__`` map (or None).
     """
-    if exceeds_depth(text, MAX_HEADER_DEPTH):
-        raise HeaderError(f"header nests deeper than {MAX_HEADER_DEPTH} levels")
     try:
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except UnicodeDecodeError as error:
-        raise HeaderError(f"header is not UTF-8 ({error.reason} at byte {error.start})") from None
-    except json.JSONDecodeError as error:
-        raise HeaderError(f"header is not valid JSON ({error.msg} at byte {error.pos})") from None
+        header = load_json(text, max_bytes=MAX_HEADER_BYTES, max_depth=MAX_HEADER_DEPTH)
+    except JSONError as error:
+        raise HeaderError(f"header {error}") from None
     if not isinstance(header, dict):
         raise HeaderError("header is not a JSON object")
     metadata = _check_metadata(header.pop("__metadata__", None))
@@ -242,6 +247,26 @@ def read_header(path: Path) -> SafetensorsHeader:
         raise HeaderError(f"header of {length} bytes could not be read whole: the file changed?")
     tensors, metadata = parse_header(text, file_size - 8 - length)
     return SafetensorsHeader(tensors, metadata, prefix + text)
+
+
+def load_tensors(data: bytes | bytearray, header: SafetensorsHeader) -> dict[str, torch.Tensor]:
+    """The tensors of a whole safetensors file's bytes ``data``, as ``header`` (read from the
+    same bytes) places them: copies, so aligned and writable. No library parses the bytes."""
+    if len(data) != header.file_size or data[: header.data_start] != header.header_bytes:
+        raise HeaderError(
+            f"is not the file whose header was checked ({len(data)} bytes, the header describes "
+            f"{header.file_size}): it changed?"
+        )
+    buffer = memoryview(data)
+    tensors = {}
+    for entry in header.tensors:
+        if entry.nbytes == 0:
+            tensors[entry.name] = torch.empty(entry.shape, dtype=entry.dtype.torch)
+            continue
+        start = header.data_start + entry.begin
+        raw = torch.frombuffer(bytearray(buffer[start : start + entry.nbytes]), dtype=torch.uint8)
+        tensors[entry.name] = raw.view(entry.dtype.torch).reshape(entry.shape)
+    return tensors
 
 
 def build_header(

@@ -65,7 +65,11 @@ def check_weight(name: str, value: object, field: str) -> float:
 
 def weight_from_metrics(folder: Path, name: str) -> ClientWeight:
     """The client's weight: ``num_samples`` of its validated metrics.json (see ``metrics``)."""
-    metrics = read_metrics(folder, name)
+    return metrics_weight(read_metrics(folder, name))
+
+
+def metrics_weight(metrics: dict) -> ClientWeight:
+    """The weight of validated metrics (``metrics.parse_metrics``): their ``num_samples``."""
     return ClientWeight(
         float(metrics["num_samples"]),
         "num_samples",

@@ -77,9 +77,10 @@ def test_lora_fedavg_through_the_cli(round_):
     ]
 
 
-def test_lora_exact_writes_the_best_rank_r_product_and_the_residual(round_):
+def test_lora_svd_writes_the_best_rank_r_product_and_the_residual(round_):
     tmp, previous, clients = round_
-    report = aggregate(previous, clients, tmp / "out", strategy="lora-exact")
+    report = aggregate(previous, clients, tmp / "out", strategy="lora-svd")
+    assert report["strategy"] == "lora-svd" and report["exact"] is False  # rank r, not exact
     tensors = load_file(str(tmp / "out" / "adapter_model.safetensors"))
     assert torch.allclose(tensors[B] @ tensors[A], T([[0.75, 0.0], [0.0, 0.0]]), atol=1e-7)
     assert report["layers"][MODULE]["residual"] == pytest.approx(1 / math.sqrt(10))
@@ -149,12 +150,12 @@ def test_a_bad_client_is_left_out_with_its_reason(round_, bad, reason):
     tmp, previous, clients = round_
     strange = bad(tmp / "fr")
     report = aggregate(
-        previous, [*clients, strange], tmp / "out", strategy="lora-exact", min_clients=2
+        previous, [*clients, strange], tmp / "out", strategy="lora-svd", min_clients=2
     )
     assert reason in report["rejected"]["fr"]
     assert [c["name"] for c in report["clients"]] == ["cz", "it"]
     with pytest.raises(AggregationError, match="only 2 of 3 clients"):
-        aggregate(previous, [*clients, strange], tmp / "out2", strategy="lora-exact")
+        aggregate(previous, [*clients, strange], tmp / "out2", strategy="lora-svd")
     assert not (tmp / "out2").exists()
 
 
@@ -186,18 +187,34 @@ def test_server_momentum_chains_over_rounds_and_options_are_checked(round_):
     second = aggregate(tmp / "g1", again, tmp / "g2", strategy="lora-fedavg", options=options)
     assert second["server_state_rounds"] == 2
     assert load_file(str(tmp / "g2" / "adapter_model.safetensors"))[A].tolist() == [[1.125, 0.375]]
-    with pytest.raises(AggregationError, match="not an option of lora-exact"):
-        aggregate(previous, clients, tmp / "g3", strategy="lora-exact", options={"momentum": 0.5})
+    with pytest.raises(AggregationError, match="not an option of lora-svd"):
+        aggregate(previous, clients, tmp / "g3", strategy="lora-svd", options={"momentum": 0.5})
     with pytest.raises(AggregationError, match="written by 'lora-fedavg'"):
         aggregate(
             tmp / "g1", again, tmp / "g4", strategy="lora-frozen-a", options={"momentum": 0.5}
         )
 
 
-def test_exact_with_a_server_learning_rate(round_):
+def test_svd_with_a_server_learning_rate(round_):
     tmp, previous, clients = round_
     aggregate(
-        previous, clients, tmp / "out", strategy="lora-exact", options={"server_learning_rate": 0.5}
+        previous, clients, tmp / "out", strategy="lora-svd", options={"server_learning_rate": 0.5}
     )
     tensors = load_file(str(tmp / "out" / "adapter_model.safetensors"))
     assert torch.allclose(tensors[B] @ tensors[A], T([[0.375, 0.0], [0.0, 0.0]]), atol=1e-7)
+
+
+RENAMED = "lora-exact was renamed lora-svd .*not exact.*for exact aggregation use lora-stacked"
+
+
+def test_the_old_name_lora_exact_is_refused_pointing_to_lora_svd_and_lora_stacked(round_):
+    tmp, previous, clients = round_
+    with pytest.raises(AggregationError, match=RENAMED):
+        aggregate(previous, clients, tmp / "out", strategy="lora-exact")
+    assert not (tmp / "out").exists()
+    assert main(["--previous", str(previous), "--out", str(tmp / "out"), "--strategy", "lora-exact",
+                 *map(str, clients)]) == 2  # fmt: skip
+    from xffl_tasks.aggregate.lora import aggregate_adapters
+
+    with pytest.raises(AggregationError, match=RENAMED):
+        aggregate_adapters(previous, clients, tmp / "out", strategy="lora-exact")

@@ -33,8 +33,8 @@ def test_fedavg_of_factors_is_not_the_mean_of_products():
 
 
 @pytest.mark.parametrize("randomised", [False, True])
-def test_exact_keeps_the_largest_singular_direction_and_reports_the_rest(randomised):
-    result = lora_math.exact_factors(CLIENT_A, CLIENT_B, WEIGHTS, 1, randomised=randomised)
+def test_svd_keeps_the_largest_singular_direction_and_reports_the_rest(randomised):
+    result = lora_math.svd_factors(CLIENT_A, CLIENT_B, WEIGHTS, 1, randomised=randomised)
     assert torch.allclose(
         result.b @ result.a, T([[0.75, 0.0], [0.0, 0.0]], dtype=torch.float64), atol=1e-12
     )
@@ -44,17 +44,17 @@ def test_exact_keeps_the_largest_singular_direction_and_reports_the_rest(randomi
     assert result.a.shape == (1, 2) and result.b.shape == (2, 1)
 
 
-def test_exact_with_enough_rank_is_the_mean_of_products():
+def test_svd_with_enough_rank_is_the_mean_of_products():
     a = [T([[1.0, 0.0], [0.0, 0.0]]), T([[0.0, 1.0], [0.0, 0.0]])]
     b = [T([[1.0, 0.0], [0.0, 0.0]]), T([[0.0, 0.0], [1.0, 0.0]])]
-    result = lora_math.exact_factors(a, b, WEIGHTS, 2)
+    result = lora_math.svd_factors(a, b, WEIGHTS, 2)
     assert torch.allclose(
         result.b @ result.a, T([[0.75, 0.0], [0.0, 0.25]], dtype=torch.float64), atol=1e-12
     )
     assert result.residual == pytest.approx(0.0, abs=1e-12)
 
 
-def test_exact_on_random_layers_matches_a_dense_svd():
+def test_svd_on_random_layers_matches_a_dense_svd():
     torch.manual_seed(0)
     a = [torch.randn(4, 24) for _ in range(3)]
     b = [torch.randn(16, 4) for _ in range(3)]
@@ -63,17 +63,17 @@ def test_exact_on_random_layers_matches_a_dense_svd():
     u, s, vh = torch.linalg.svd(dense)
     best = (u[:, :4] * s[:4]) @ vh[:4]
     for randomised in (False, True):
-        result = lora_math.exact_factors(a, b, w, 4, randomised=randomised)
+        result = lora_math.svd_factors(a, b, w, 4, randomised=randomised)
         assert torch.allclose(result.b @ result.a, best, atol=1e-6 if randomised else 1e-10)
         expected = math.sqrt(float((s[4:] ** 2).sum()) / float((s**2).sum()))
         assert result.residual == pytest.approx(expected, rel=1e-4 if randomised else 1e-9)
 
 
-def test_exact_with_a_server_learning_rate_moves_part_of_the_way():
+def test_svd_with_a_server_learning_rate_moves_part_of_the_way():
     # eta = 0.5 from B0 A0 = diag(1, 0) towards M = diag(0, 1): 0.5 diag(1, 1), rank 2 held
     a = [T([[0.0, 1.0], [0.0, 0.0]]), T([[1.0, 0.0], [0.0, 0.0]])]
     b = [T([[0.0, 0.0], [1.0, 0.0]]), T([[1.0, 0.0], [0.0, 0.0]])]
-    result = lora_math.exact_factors(a, b, [0.5, 0.5], 2)
+    result = lora_math.svd_factors(a, b, [0.5, 0.5], 2)
     assert torch.allclose(result.b @ result.a, 0.5 * torch.eye(2, dtype=torch.float64), atol=1e-12)
 
 
