@@ -207,18 +207,41 @@ FIELDS: tuple[FieldSpec, ...] = (
         "comma-separated module names a new LoRA adapter adapts",
         pattern=r"^[A-Za-z0-9_.]+(,[A-Za-z0-9_.]+)*$",
     ),
+    FieldSpec("lora_train_a", "bool", "train LoRA's A matrices too (--no-lora-train-a: A stays as given, only B trains)"),
     FieldSpec(
-        "lora_train_a",
-        "bool",
-        "train LoRA's A matrices too (--no-lora-train-a: A stays as given, only B trains)",
+        "stacked_update",
+        "path",
+        "a lora-stacked update folder merged into --model (into --merged-base) before a fresh "
+        "adapter (--peft lora) trains on the merged base",
+        optional=True,
     ),
+    FieldSpec(
+        "merged_base",
+        "path",
+        "where --model merged with --stacked-update goes (kept if it already holds the update's result)",
+        optional=True,
+    ),
+    FieldSpec(
+        "base_hashes",
+        "path",
+        "a base_hashes.json the base trained on must match, or the run is refused (exit 2) naming the tensor",
+        optional=True,
+    ),
+    FieldSpec("dp_mode", "str", "none, or dp-sgd: per-sample clipping and Gaussian noise (Opacus)", choices=("none", "dp-sgd")),
+    FieldSpec("dp_noise_multiplier", "float", "dp-sgd: noise std / dp_max_grad_norm (or dp_target_epsilon)", optional=True, minimum=0, maximum=1e6),
+    FieldSpec("dp_target_epsilon", "float", "dp-sgd: the noise is set so this run ends at this epsilon", optional=True, minimum=0, maximum=1e6, exclusive_minimum=True),
+    FieldSpec("dp_max_grad_norm", "float", "dp-sgd: each sequence's gradient is clipped to this L2 norm", minimum=0, exclusive_minimum=True),
+    FieldSpec("dp_delta", "float", "dp-sgd: delta (default 1/(10 N), N the training sequences)", optional=True, minimum=0, maximum=1, exclusive_minimum=True),
+    FieldSpec("dp_accountant", "str", "dp-sgd: the accountant of the reported epsilon", choices=("rdp", "prv")),
+    FieldSpec("dp_withhold_validation", "bool", "dp-sgd: no validation pass, no val_loss_* in metrics.json (held-out data, outside the guarantee)"),
 )
 FIELDS_BY_NAME: dict[str, FieldSpec] = {spec.name: spec for spec in FIELDS}
 PATH_FIELDS = ("model", "data", "out")
-# Every field but the three paths: what the Airflow side may pass as hyperparameters.
-# (``adapter`` is a path too: the federation passes it itself, from its own layout.)
+#: Paths the federation passes itself, from its own layout (not hyperparameters).
+ROUND_PATH_FIELDS = ("adapter", "stacked_update", "merged_base", "base_hashes")
+# Every field but the paths: what the Airflow side may pass as hyperparameters.
 HYPERPARAMETERS: tuple[str, ...] = tuple(
-    spec.name for spec in FIELDS if spec.name not in (*PATH_FIELDS, "adapter")
+    spec.name for spec in FIELDS if spec.name not in (*PATH_FIELDS, *ROUND_PATH_FIELDS)
 )
 
 
@@ -260,6 +283,16 @@ class TrainingConfig:
     lora_dropout: float = 0.0
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
     lora_train_a: bool = True
+    stacked_update: str | None = None
+    merged_base: str | None = None
+    base_hashes: str | None = None
+    dp_mode: str = "none"
+    dp_noise_multiplier: float | None = None
+    dp_target_epsilon: float | None = None
+    dp_max_grad_norm: float = 1.0
+    dp_delta: float | None = None
+    dp_accountant: str = "rdp"
+    dp_withhold_validation: bool = False
 
     @property
     def uses_adapter(self) -> bool:
@@ -409,4 +442,7 @@ def build_config(
     merged: dict[str, Any] = {}
     merged.update(file_values or {})
     merged.update(flag_values or {})
-    return TrainingConfig(**merged)
+    config = TrainingConfig(**merged)
+    from xffl_tasks.train.dp_options import check_dp_options  # docs/privacy.md
+    check_dp_options(config)  # the dp_* fields' rules across fields (it imports this module)
+    return config

@@ -2,10 +2,11 @@
 
 - one process: the model as it is, on the CPU or one GPU;
 - DDP (``DistributedDataParallel``) over gloo on CPUs (or NCCL when asked for on GPUs);
-- FSDP2 (``fully_shard``) on GPUs: each decoder layer and then the root sharded, bf16
-  compute with fp32 reductions. The model is built on the meta device on every rank, rank 0
-  alone reads the checkpoint, and the weights reach the others by broadcast, so a node does
-  not hold one full copy per GPU.
+- FSDP2 (``fully_shard``) on GPUs (and on CPUs over gloo when asked for): each decoder layer
+  and then the root sharded, bf16 compute with fp32 reductions. The model is built on the meta
+  device on every rank, rank 0 alone reads the checkpoint, and the weights reach the others by
+  broadcast, so a node does not hold one full copy per GPU. At the end each rank writes its own
+  shards and rank 0 consolidates them (:mod:`xffl_tasks.train.sharded_checkpoint`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 import os
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +23,7 @@ import torch.distributed as dist
 
 from xffl_tasks.launch import DistributedLaunch, export_launch
 from xffl_tasks.train.checkpoint import ModelFolder, load_model
-from xffl_tasks.train.config import ConfigError, TrainingConfig
+from xffl_tasks.train.config import ConfigError, TrainingConfig, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,29 @@ def broadcast_flag(value: bool, runtime: Runtime) -> bool:
     return bool(flag.item())
 
 
+def broadcast_text(text: str | None, runtime: Runtime) -> str | None:
+    """Rank 0's ``text`` (or None) on every rank, sent as UTF-8 bytes in tensors.
+
+    Not ``broadcast_object_list``: it pickles the objects and the other ranks unpickle them,
+    and nothing here loads a pickle."""
+    if runtime.launch.world_size == 1:
+        return text
+    device = _collective_device(runtime)
+    data = text.encode("utf-8") if runtime.launch.is_main and text is not None else b""
+    size = len(data) if runtime.launch.is_main and text is not None else -1
+    length = torch.tensor([size], dtype=torch.int64, device=device)
+    dist.broadcast(length, src=0)
+    size = int(length.item())
+    if size <= 0:
+        return None if size < 0 else ""
+    if runtime.launch.is_main:
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    else:
+        buffer = torch.empty(size, dtype=torch.uint8, device=device)
+    dist.broadcast(buffer, src=0)
+    return buffer.cpu().numpy().tobytes().decode("utf-8")
+
+
 def _collective_device(runtime: Runtime) -> torch.device:
     return runtime.device if runtime.device.type == "cuda" else torch.device("cpu")
 
@@ -152,7 +177,6 @@ def build_model(
 def _build_fsdp(
     source: ModelFolder, config: TrainingConfig, runtime: Runtime, adapter: Any = None
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -175,10 +199,7 @@ def _build_fsdp(
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     model.to_empty(device=runtime.device)
-    state = full.state_dict() if full is not None else {}
-    set_model_state_dict(
-        model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    )
+    _parameters_from_rank0(model, full, runtime)
     # Buffers (the rotary frequencies...) are not sharded and most are not in the state dict:
     # rank 0's loaded values reach everyone.
     for name, buffer in model.named_buffers():
@@ -189,8 +210,49 @@ def _build_fsdp(
         )
         dist.broadcast(value, src=0)
         buffer.copy_(value)
-    del full, state
+    del full
     return model, model
+
+
+@torch.no_grad()
+def _parameters_from_rank0(
+    model: torch.nn.Module, full: torch.nn.Module | None, runtime: Runtime
+) -> None:
+    """Rank 0's loaded parameters (``full``) into every rank's shards of ``model``, one tensor
+    at a time by broadcast, each rank keeping its piece as its DTensor's placement gives it.
+
+    Every rank built the same model, so each knows every parameter's name, shape and dtype:
+    only tensor data crosses the wire. (torch's ``set_model_state_dict(...,
+    broadcast_from_rank0=True)`` sends the state dict's description as a pickle, which the
+    other ranks unpickle.)"""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    targets = dict(model.named_parameters())  # tied ones once
+    problem = None
+    if full is not None:
+        sources = dict(full.named_parameters())
+        wrong = sorted(
+            set(targets) ^ set(sources)
+            | {n for n in set(targets) & set(sources) if targets[n].shape != sources[n].shape}
+        )
+        if wrong:
+            problem = f"the loaded model does not match the sharded one: {wrong[:3]}"
+    if not broadcast_flag(problem is None, runtime):
+        raise TrainingError(problem or "rank 0's loaded model does not match; see its log")
+    for name, target in targets.items():
+        if full is not None:
+            value = sources[name].detach().to(runtime.device, target.dtype)
+        else:
+            value = torch.empty(target.shape, dtype=target.dtype, device=runtime.device)
+        dist.broadcast(value, src=0)
+        if isinstance(target, DTensor):
+            shape, offset = compute_local_shape_and_global_offset(
+                target.shape, target.device_mesh, target.placements
+            )
+            value = value[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+            target = target.to_local()
+        target.copy_(value)
 
 
 def reshard(model: torch.nn.Module, runtime: Runtime) -> None:
@@ -226,19 +288,51 @@ def autocast(runtime: Runtime) -> AbstractContextManager:
 
 
 def full_state_dict(
-    model: torch.nn.Module, plain: torch.nn.Module, runtime: Runtime
+    model: torch.nn.Module,
+    plain: torch.nn.Module,
+    runtime: Runtime,
+    *,
+    staging: Path | None = None,
+    adapter_only: bool = False,
 ) -> dict[str, Any] | None:
-    """The whole model's tensors on rank 0's CPU (a collective under FSDP); None elsewhere."""
-    if runtime.parallelism == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """The whole model's tensors on rank 0's CPU; None elsewhere.
 
-        state = get_model_state_dict(
-            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
-        return state if runtime.launch.is_main else None
+    DDP (or one process): rank 0's replica. FSDP2: a collective; every rank writes its shards
+    into ``staging`` (rank 0's staging folder; the others learn it from rank 0), then rank 0
+    consolidates them (see :mod:`xffl_tasks.train.sharded_checkpoint`); with ``adapter_only``
+    only the LoRA tensors are written and returned.
+    """
+    if runtime.parallelism == "fsdp":
+        return _consolidated_shards(model, runtime, staging, adapter_only)
     if not runtime.launch.is_main:
         return None
     return {name: tensor.detach().to("cpu") for name, tensor in plain.state_dict().items()}
+
+
+def _consolidated_shards(
+    model: torch.nn.Module, runtime: Runtime, staging: Path | None, adapter_only: bool
+) -> dict[str, Any] | None:
+    from xffl_tasks.train import sharded_checkpoint as shards
+
+    where = str(staging / shards.SHARDS) if runtime.launch.is_main and staging else None
+    where = broadcast_text(where, runtime)
+    if where is None:
+        raise TrainingError("rank 0 has no staging folder for the sharded checkpoint")
+    folder = Path(where)
+    shards.save_shards(model, folder, keep=shards.is_adapter_tensor if adapter_only else None)
+    state, failure = None, None
+    if runtime.launch.is_main:
+        try:
+            state = shards.consolidate(folder, world_size=runtime.launch.world_size)
+        except Exception as error:  # noqa: BLE001 - every rank must learn of it first
+            failure = error
+        finally:
+            shards.remove_shards(folder)
+    if not broadcast_flag(failure is None, runtime):
+        if failure is not None:
+            raise failure
+        raise TrainingError("rank 0 could not consolidate the sharded checkpoint; see its log")
+    return state
 
 
 def grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +25,7 @@ from xffl_tasks.train.distributed import (
 from xffl_tasks.train.schedule import StepPlan, lr_factor, rank_micro_batches, step_groups
 
 log = logging.getLogger(__name__)
+MAX_CURVE_POINTS = 200  # metrics.json stays small (the aggregation reads at most 64 KiB of it)
 
 
 class DivergedError(TrainingError):
@@ -47,6 +49,24 @@ class TrainingResult:
     cpu_seconds: float
     step_seconds_median: float
     learning_rate_last: float
+    step_losses: tuple[float, ...] = ()
+
+    @property
+    def loss_curve(self) -> tuple[int, list[float]]:
+        """``(every, points)`` of :func:`loss_curve`: at most ``MAX_CURVE_POINTS`` points."""
+        return loss_curve(self.step_losses)
+
+
+def loss_curve(losses: Sequence[float], limit: int = MAX_CURVE_POINTS) -> tuple[int, list[float]]:
+    """``(every, points)``: the per-step training losses when there are at most ``limit``,
+    else the means of ``every`` consecutive steps (the last group may be shorter), so that
+    there are at most ``limit`` points."""
+    every = max(1, math.ceil(len(losses) / limit))
+    points = [
+        sum(losses[start : start + every]) / len(losses[start : start + every])
+        for start in range(0, len(losses), every)
+    ]
+    return every, points
 
 
 def sequence_losses(model: torch.nn.Module, batch: torch.Tensor, runtime: Runtime) -> torch.Tensor:
@@ -129,7 +149,7 @@ def train(
     model.train()
     predicted = sequences.seq_len - 1
     world = runtime.launch.world_size
-    loss_total, last_window = 0.0, []
+    loss_total, last_window, step_losses = 0.0, [], []
     samples = step = epoch = 0
     learning_rate = config.learning_rate
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -172,6 +192,7 @@ def train(
         step_ends.append(time.perf_counter())
         step += 1
         loss_total += step_loss
+        step_losses.append(step_loss)
         last_window = (last_window + [step_loss])[-config.log_every :]
         if runtime.launch.is_main and (step % config.log_every == 0 or step == plan.total_steps):
             elapsed = time.perf_counter() - started
@@ -195,4 +216,5 @@ def train(
         cpu_seconds=cpu_seconds,
         step_seconds_median=float(np.median(durations)) if len(durations) else 0.0,
         learning_rate_last=float(learning_rate),
+        step_losses=tuple(step_losses),
     )

@@ -26,6 +26,7 @@ from xffl_tasks.train.checkpoint import (
     write_model,
 )
 from xffl_tasks.train.config import ConfigError, TrainingConfig, TrainingError
+from xffl_tasks.train.dp_options import DP_SGD, check_dp_options
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -81,6 +82,9 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
     from xffl_tasks.train.adapter_training import adapter_state, plan_adapter, write_adapter
 
     adapter = plan_adapter(config)  # None: the whole model trains
+    from xffl_tasks.train.stacked_base import plan_stacked_base, prepare_base
+
+    stacked = plan_stacked_base(config)  # lora-stacked: the base merged and checked first
     if adapter is not None and adapter.folder is not None:
         OutputFolder(config.out, model=adapter.folder)  # nor inside the adapter
     tokenizer = load_tokenizer(source)
@@ -108,6 +112,16 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
         seq_len=seq_len,
     )
     runtime = distributed.resolve_runtime(config, launch)
+    check_dp_options(config)
+    private = None  # --dp-mode dp-sgd: Opacus's DP-SGD (xffl_tasks.train.privacy, docs/privacy.md)
+    if config.dp_mode == DP_SGD:
+        from xffl_tasks.train.privacy import PrivateRun
+
+        private = PrivateRun.prepare(
+            config, num_sequences=len(dataset.train), step_plan=plan,
+            world_size=launch.world_size, environ=environ,
+        )  # fmt: skip
+        runtime = private.runtime(runtime)
     threads = distributed.set_threads(config, environ, launch)
     log.info(
         "training %s on %s: %d training and %d validation sequences of %d tokens, %d steps, "
@@ -120,25 +134,43 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
     settings = ExitStack()  # the run's process-wide settings, undone at its end
     try:
         distributed.init_process_group(runtime)
+        base_files = None
+        if stacked is not None:  # rank 0 merges the round's update (or checks the base)
+            source, base_files = prepare_base(stacked, source, runtime)
         # every generator seeded before the model is built (a new adapter's A draws from it)
         settings.enter_context(determinism.repeatable(config.seed, runtime.device))
-        model, plain = distributed.build_model(source, config, runtime, adapter)
+        build = private.build_model if private is not None else distributed.build_model
+        model, plain = build(source, config, runtime, adapter)
         aliases = alias_groups(plain)
-        before = evaluate(model, dataset.validation, runtime, batch_size=config.batch_size)
-        log.info("validation loss before training: %.4f (%d tokens)", before.loss, before.tokens)
-        result = train(model, dataset.train, plan, config, runtime)
-        after = evaluate(model, dataset.validation, runtime, batch_size=config.batch_size)
-        log.info("validation loss after training: %.4f", after.loss)
-        state = distributed.full_state_dict(model, plain, runtime)
+        # --dp-withhold-validation: no validation pass at all (its losses would leave in the log)
+        validates = private is None or not config.dp_withhold_validation
+        val_tokens = len(dataset.validation) * (seq_len - 1)  # what evaluate counts
+        before = after = None
+        if validates:
+            before = evaluate(model, dataset.validation, runtime, batch_size=config.batch_size)
+            val_tokens = before.tokens
+            log.info("validation loss before training: %.4f (%d tokens)", before.loss, val_tokens)
+        if private is not None:
+            result = private.train(model, dataset.train, plan, config, runtime)
+        else:
+            result = train(model, dataset.train, plan, config, runtime)
+        if validates:
+            after = evaluate(model, dataset.validation, runtime, batch_size=config.batch_size)
+            log.info("validation loss after training: %.4f", after.loss)
+        state = distributed.full_state_dict(
+            model, plain, runtime, staging=output.staging, adapter_only=adapter is not None
+        )
         metrics = {
             "num_samples": result.num_samples,
             "num_tokens": result.num_tokens,
-            "val_loss_before": before.loss,
-            "val_loss_after": after.loss,
-            "val_tokens": before.tokens,
+            "val_loss_before": before.loss if before is not None else None,
+            "val_loss_after": after.loss if after is not None else None,
+            "val_tokens": val_tokens,
             "val_sequences": len(dataset.validation),
             "train_loss": result.train_loss,
             "train_loss_last": result.train_loss_last,
+            "train_loss_curve": result.loss_curve[1],
+            "train_loss_curve_every": result.loss_curve[0],
             "train_sequences": len(dataset.train),
             "epochs": result.num_samples / len(dataset.train),
             "steps": result.steps,
@@ -161,6 +193,10 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
             "versions": versions(),
             "started_at": started_at,
         }
+        if base_files:  # the base trained on (lora-stacked, --base-hashes): the files' sha256
+            metrics["base_sha256"] = base_files
+        if private is not None:  # only what leaves under DP, and the run's DP-SGD parameters
+            metrics = private.release(metrics, seq_len=seq_len)
         saved, failure = True, None
         if launch.is_main:
             try:
@@ -193,7 +229,7 @@ def run(config: TrainingConfig, environ: Mapping[str, str] | None = None) -> dic
             "wrote %s: %d steps, %d samples, %.0f tokens/s",
             output.out,
             result.steps,
-            result.num_samples,
+            metrics["num_samples"],  # a dp-sgd run's: the expected count (the log leaves too)
             metrics["tokens_per_second"],
         )
         return metrics

@@ -119,21 +119,11 @@ def test_output_reloads_generates_and_holds_the_trained_weights(tiny, trained):
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tiny, tmp_path_factory):
-    runs = {}
-    for parallelism in ("ddp", "fsdp"):
-        out = tmp_path_factory.mktemp(f"torchrun-{parallelism}") / "out"
-        argv = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-            "-m", "xffl_tasks.train",
-            *train_command(tiny, out, "--seq-len", "64", "--batch-size", "4", "--learning-rate", "0.003",
-                           "--max-steps", "8", "--threads", "1", "--precision", "fp32", "--parallelism", parallelism,
-                           corpus="czech"),
-        ]  # fmt: skip
-        result = run_cli(argv)
-        assert result.returncode == 0, result.stdout + result.stderr
-        runs[parallelism] = out
-    return runs
+def two_process_runs(torchrun_two):
+    # torchrun, two workers: 8 steps of 2 x 4 sequences of 64 tokens (Czech), fp32, one thread each
+    return {
+        parallelism: torchrun_two("--parallelism", parallelism) for parallelism in ("ddp", "fsdp")
+    }
 
 
 @pytest.mark.parametrize("parallelism", ["ddp", "fsdp"])
