@@ -19,6 +19,41 @@ from typing import Any
 MANIFEST = "manifest.json"
 ROUND_DIR = re.compile(r"^round-(\d{4,})$")
 CHUNK = 4 * 1024 * 1024
+#: The largest manifest read (a round's record of 32 facilities is well under 1 MiB).
+MAX_MANIFEST_BYTES = 16 << 20
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read as one: missing, too large, not JSON, not an object."""
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest at ``path``, read bounded; ``ManifestError`` says why it cannot be read.
+
+    Every reader of manifests (the rounds, verification, the report, the campaign view) reads
+    them here."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as error:
+        raise ManifestError(error.strerror or str(error)) from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ManifestError(f"not JSON ({str(error)[:200]})") from None
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"not a JSON object but {type(manifest).__name__}")
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The manifest at ``path``, or None when there is none or it cannot be read."""
+    try:
+        return load_manifest(path)
+    except ManifestError:
+        return None
 
 
 def sha256_file(path: str | Path) -> str:
@@ -55,20 +90,25 @@ def round_dirs(campaign_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Writes JSON beside ``path`` and renames it into place: readers never see half a file."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Writes ``data`` beside ``path``, flushed to disk, and renames it into place: readers never
+    see half a file (a writer killed before the rename leaves ``.<name>.<random>``)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Writes JSON beside ``path`` and renames it into place: readers never see half a file."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_manifest(round_dir: str | Path, manifest: dict[str, Any], previous: str | Path | None) -> Path:
@@ -89,11 +129,8 @@ def warm_start_lineage(campaign_dir: str | Path) -> list[tuple[str, int]]:
     seen = {Path(campaign_dir).resolve()}
     current = Path(campaign_dir)
     while True:
-        try:
-            manifest = json.loads((current / round_dir_name(0) / MANIFEST).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            return lineage
-        source = manifest.get("warm_start") if isinstance(manifest, dict) else None
+        manifest = read_manifest(current / round_dir_name(0) / MANIFEST)
+        source = manifest.get("warm_start") if manifest is not None else None
         if not isinstance(source, dict) or not source.get("manifest"):
             return lineage
         lineage.append((str(source.get("campaign")), int(source.get("round") or 0)))
@@ -113,7 +150,8 @@ def verify_campaign(
     - round 0 may link to the manifest of the campaign it was warm-started from: that file's
       sha256 must match, and that campaign's chain is checked in turn (its problems prefixed
       ``warm-start source <folder>:``), so the audit chain crosses campaigns;
-    - with ``check_files``, every output file the manifest lists still has its recorded sha256.
+    - with ``check_files``, every output file the manifest lists still has its recorded sha256;
+    - a privacy ledger (``privacy``) holds the accountant's epsilon for its recorded parameters.
     """
     campaign_dir = Path(campaign_dir)
     if not campaign_dir.is_dir():
@@ -122,6 +160,7 @@ def verify_campaign(
     if not rounds:
         return [f"{campaign_dir}: no round folders"]
     problems: list[str] = []
+    ledgers: list[dict[str, Any]] = []
     previous_path: Path | None = None
     expected = 0
     for number, folder in rounds:
@@ -134,8 +173,8 @@ def verify_campaign(
             previous_path = None
             continue
         try:
-            manifest = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            manifest = load_manifest(path)
+        except ManifestError as error:
             problems.append(f"{folder.name}/{MANIFEST}: unreadable: {error}")
             previous_path = path
             continue
@@ -172,5 +211,11 @@ def verify_campaign(
                     problems.append(f"{folder.name}: output {relative} is missing")
                 elif sha256_file(target) != digest:
                     problems.append(f"{folder.name}: output {relative} does not match its recorded sha256")
+        if manifest.get("privacy") is not None:
+            ledgers.append(manifest)
         previous_path = path
+    if ledgers:  # every recorded epsilon, recomputed by the accountant from its parameters
+        from xffl_tasks.privacy.ledger import check_ledger
+
+        problems.extend(check_ledger(ledgers))
     return problems
