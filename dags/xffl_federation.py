@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-from xffl_airflow.federation.dag import build_federation_dag
+from xffl_airflow.federation.dag import build_federation_dags
 
-for _path in [p for p in os.environ.get("XFFL_FEDERATION_CONFIG", "").split(":") if p]:
-    build_federation_dag(_path)
+build_federation_dags([p for p in os.environ.get("XFFL_FEDERATION_CONFIG", "").split(":") if p])

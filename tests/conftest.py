@@ -8,7 +8,8 @@ session, and stop them by PID at the end:
   slurmd and an sshd, plus one munged; stopped by ``docker/facility/down``.
 - ``airflow_db``: the metadata database of the session's AIRFLOW_HOME, migrated once.
 - ``airflow_instance``: api-server, scheduler, dag-processor and triggerer on that home, with
-  the facilities' connections; DAG files are installed into its dags folder per test.
+  the facilities' connections and two users: ``admin`` and ``trigger`` (role ``user``: may
+  trigger runs); DAG files are installed into its dags folder per test.
 - ``postgres``: a PostgreSQL server of its own (``xffl_testbed.postgres``) on a loopback port;
   ``airflow_on_postgres``: a second Airflow, on that database, with a triggerer of its own.
 """
@@ -25,6 +26,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+#: The session Airflow's user with the role ``user`` (may trigger runs, write XCom, clear tasks).
+TRIGGER_USER = "trigger"
 
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="xffl-airflow-home."))
 _DAGS = _AIRFLOW_HOME / "dags"
@@ -40,13 +43,64 @@ os.environ.update(
 )
 
 
+#: What each fixture starts, as markers of every test that uses it (directly or through another
+#: fixture): ``make test-unit`` deselects them all. Tests that start a service themselves ask
+#: for the matching ``starts_*`` fixture, which starts nothing and only says so.
+FIXTURE_MARKERS = {
+    "testbed": ("slurm",),
+    "starts_facilities": ("slurm",),
+    "airflow_instance": ("airflow_live",),
+    "airflow_on_postgres": ("airflow_live",),
+    "starts_airflow": ("airflow_live",),
+    "postgres": ("postgres",),
+    "starts_postgres": ("postgres",),
+    "starts_redis": ("redis",),
+    "browser": ("browser",),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name in getattr(item, "fixturenames", ()):
+            for marker in FIXTURE_MARKERS.get(name, ()):
+                item.add_marker(marker)
+
+
+@pytest.fixture(scope="session")
+def starts_facilities():
+    """The test starts local facilities of its own (Slurm, sshd: root)."""
+    if os.geteuid() != 0:
+        pytest.fail("the local facilities need root (useradd, Slurm daemons); run `make test` as root")
+
+
+@pytest.fixture(scope="session")
+def starts_postgres():
+    """The test starts a PostgreSQL server of its own."""
+
+
+@pytest.fixture(scope="session")
+def starts_redis():
+    """The test starts a Redis server of its own."""
+
+
+@pytest.fixture(scope="session")
+def starts_airflow():
+    """The test starts Airflow's services of its own."""
+
+
 def facility_python() -> str:
-    """The facility-side Python (no Airflow) that `make` installs; jobs at the facilities run it."""
+    """The facility-side Python (no Airflow) that `make` installs; jobs at the facilities run it.
+
+    Missing under ``make test-unit`` (``XFFL_TEST_TIER=unit``, which builds no facility
+    environment), the test is skipped, saying so; anywhere else it fails."""
     from xffl_testbed.facilities import facility_python as default_facility_python
 
     python = default_facility_python()
     if not Path(python).exists():
-        pytest.fail(f"no facility environment at {python}: run the tests with `make test`")
+        message = f"no facility environment at {python}: `make setup` or `make test` builds it"
+        if os.environ.get("XFFL_TEST_TIER") == "unit":
+            pytest.skip(message)
+        pytest.fail(message)
     return python
 
 
@@ -87,6 +141,8 @@ def airflow_instance(airflow_db: Path, testbed):
         dags_folder=_DAGS,
         env={**testbed.airflow_env(), "XFFL_FACILITY_PYTHON": facility_python()},
         sql_alchemy_conn=os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"],
+        # a person who may trigger runs (SimpleAuthManager's role "user"), as compose runs it
+        users={TRIGGER_USER: "user"},
     )
     instance.start()
     try:

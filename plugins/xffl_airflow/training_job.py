@@ -9,7 +9,10 @@ one command for every kind of allocation:
   reads its rank from ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NTASKS`` and the rendezvous
   from the first host of the node list (``xffl_tasks.launch``);
 - ``launcher="torchrun"``: one ``torchrun`` per node (``srun --ntasks-per-node=1``), each
-  starting ``nproc_per_node`` workers; the rendezvous is the first node of the job.
+  starting ``nproc_per_node`` workers; the rendezvous is static, at the first node of the job,
+  each torchrun's node rank its ``SLURM_NODEID`` (read in its own shell: ``TORCHRUN_NODE``).
+  torchrun's ``c10d`` rendezvous backend is not used: its launcher unpickles the rendezvous
+  state it reads from the store, and no pickle is ever loaded here.
 
 Every value from the configuration is validated and ``shlex.quote``-d; the only unquoted
 parts are fixed shell expressions over Slurm's own variables. The hyperparameters are checked
@@ -27,7 +30,13 @@ import shlex
 from collections.abc import Mapping
 from typing import Literal
 
-from xffl_tasks.train.config import FIELDS_BY_NAME, HYPERPARAMETERS, ConfigError, from_mapping
+from xffl_tasks.train.config import (
+    FIELDS_BY_NAME,
+    HYPERPARAMETERS,
+    ROUND_PATH_FIELDS,
+    ConfigError,
+    from_mapping,
+)
 
 Launcher = Literal["none", "srun", "torchrun"]
 LAUNCHERS: tuple[str, ...] = ("none", "srun", "torchrun")
@@ -38,6 +47,9 @@ MAX_NPROC_PER_NODE = 1024
 JOB_PORT = "$((15000 + SLURM_JOB_ID % 20000))"
 FIRST_NODE = '$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)'
 SRUN = ["srun", "--kill-on-bad-exit=1", "--export=ALL"]
+# Each node's torchrun, started by srun: its node rank is that task's own SLURM_NODEID, so it is
+# read by a shell of the task's (``$0`` is the Python, ``$@`` torchrun's arguments, as quoted).
+TORCHRUN_NODE = shlex.quote('exec "$0" -m torch.distributed.run --node-rank="$SLURM_NODEID" "$@"')
 
 
 class TrainingJobError(ValueError):
@@ -101,10 +113,18 @@ def build_training_argv(
     out_dir: str,
     hyperparameters: Mapping[str, object],
     adapter_dir: str | None = None,
+    round_paths: Mapping[str, str] | None = None,
 ) -> list[str]:
     """``-m xffl_tasks.train --model ... --data ... --out ... [--adapter ...] [flags]`` (after
-    the Python); with ``adapter_dir``, ``model_dir`` is the frozen base and the adapter trains."""
+    the Python); with ``adapter_dir``, ``model_dir`` is the frozen base and the adapter trains.
+    ``round_paths``: the round's other folders by training field (``stacked_update``,
+    ``merged_base``, ``base_hashes``: a lora-stacked round's)."""
     adapter = ["--adapter", _path(adapter_dir, "adapter_dir")] if adapter_dir is not None else []
+    extra: list[str] = []
+    for name, value in sorted((round_paths or {}).items()):
+        if name not in ROUND_PATH_FIELDS:
+            raise TrainingJobError(f"round_paths: {name!r} is not one of {', '.join(ROUND_PATH_FIELDS)}")
+        extra += [FIELDS_BY_NAME[name].flag, _path(value, name)]
     return [
         "-m",
         "xffl_tasks.train",
@@ -115,8 +135,33 @@ def build_training_argv(
         "--out",
         _path(out_dir, "out_dir"),
         *adapter,
+        *extra,
         *hyperparameter_arguments(hyperparameters),
     ]
+
+
+def build_evaluation_argv(
+    *,
+    candidates: Mapping[str, str],
+    data_path: str,
+    out_dir: str,
+    hyperparameters: Mapping[str, object],
+    base_dir: str | None = None,
+) -> list[str]:
+    """``-m xffl_tasks.evaluate --candidate NAME=DIR ... [--base DIR] --data ... --out ...
+    [flags]``: the final evaluation of named models (adapters on ``base_dir``) with the same
+    data, split, seed and metrics as the rounds (the same hyperparameter flags)."""
+    if not candidates:
+        raise TrainingJobError("candidates: at least one model to evaluate")
+    words = ["-m", "xffl_tasks.evaluate"]
+    for name, folder in candidates.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            raise TrainingJobError(f"candidates: {name!r} is not a candidate name (1-64 of A-Z a-z 0-9 _ . -)")
+        words += ["--candidate", f"{name}={_path(folder, f'candidates.{name}')}"]
+    if base_dir is not None:
+        words += ["--base", _path(base_dir, "base_dir")]
+    return [*words, "--data", _path(data_path, "data_path"), "--out", _path(out_dir, "out_dir"),
+            *hyperparameter_arguments(hyperparameters)]  # fmt: skip
 
 
 def build_training_command(
@@ -130,12 +175,30 @@ def build_training_command(
     nproc_per_node: int = 1,
     extra_env: Mapping[str, str] | None = None,
     adapter_dir: str | None = None,
+    round_paths: Mapping[str, str] | None = None,
 ) -> str:
     """The one shell line that trains, for ``launcher`` ``none``, ``srun`` or ``torchrun``.
 
     ``nproc_per_node`` (workers per node) is for ``torchrun`` only; ``extra_env`` becomes
     ``NAME=value`` assignments in front of the command (``srun`` passes them to every task).
     """
+    argv = build_training_argv(model_dir=model_dir, data_path=data_path, out_dir=out_dir,
+                               hyperparameters=hyperparameters, adapter_dir=adapter_dir, round_paths=round_paths)  # fmt: skip
+    return launch_command(python=python, launcher=launcher, task_argv=argv, nproc_per_node=nproc_per_node,
+                          extra_env=extra_env, master_port=hyperparameters.get("master_port"))  # fmt: skip
+
+
+def launch_command(
+    *,
+    python: str,
+    launcher: Launcher,
+    task_argv: list[str],
+    nproc_per_node: int = 1,
+    extra_env: Mapping[str, str] | None = None,
+    master_port: object = None,
+) -> str:
+    """``python task_argv...`` as one shell line, launched as ``launcher`` says (every word
+    quoted; only fixed expressions over Slurm's own variables are not)."""
     if launcher not in LAUNCHERS:
         raise TrainingJobError(f"launcher: {launcher!r} is not one of {', '.join(LAUNCHERS)}")
     if (
@@ -152,31 +215,37 @@ def build_training_command(
             "allocation's tasks (sbatch ntasks_per_node) set the processes"
         )
     python = shlex.quote(_python(python))
-    task = " ".join(shlex.quote(word) for word in build_training_argv(
-        model_dir=model_dir, data_path=data_path, out_dir=out_dir, hyperparameters=hyperparameters,
-        adapter_dir=adapter_dir,
-    ))  # fmt: skip
+    task = " ".join(shlex.quote(word) for word in task_argv)
     words = _env(extra_env)
     if launcher == "none":
         words += [python, task]
     elif launcher == "srun":
         words += [*SRUN, python, task]
     else:
-        port = hyperparameters.get("master_port")
-        port_text = str(port) if port is not None else JOB_PORT
+        port_text = str(int(master_port)) if master_port is not None else JOB_PORT
         words += [
             *SRUN,
             '--nodes="$SLURM_JOB_NUM_NODES"',
             '--ntasks="$SLURM_JOB_NUM_NODES"',
             "--ntasks-per-node=1",
+            "sh",
+            "-c",
+            TORCHRUN_NODE,
             python,
-            "-m",
-            "torch.distributed.run",
             '--nnodes="$SLURM_JOB_NUM_NODES"',
             f"--nproc-per-node={nproc_per_node}",
-            "--rdzv-backend=c10d",
-            f'--rdzv-endpoint="{FIRST_NODE}:{port_text}"',
-            '--rdzv-id="$SLURM_JOB_ID"',
+            "--rdzv-backend=static",
+            f'--master-addr="{FIRST_NODE}"',
+            f"--master-port={port_text}",
             task,
         ]
     return " ".join(words)
+
+
+def stacked_base_cleanup(folder: str, keep: str) -> str:
+    """Removes a facility's merged bases of earlier rounds (lora-stacked), keeping ``keep``:
+    run after a round's training succeeded (its merged base is the next round's input)."""
+    if not re.fullmatch(r"round-[0-9]{4,}", keep):
+        raise TrainingJobError(f"keep: {keep!r} is not a round folder name")
+    return (f"find {shlex.quote(_path(folder, 'folder'))} -mindepth 1 -maxdepth 1 -name 'round-*' "
+            f"! -name {shlex.quote(keep)} -exec rm -rf -- {{}} +")  # fmt: skip

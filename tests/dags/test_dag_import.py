@@ -29,10 +29,32 @@ def test_every_dag_file_imports_and_builds_the_example_federations(airflow_db, m
     files_with_dags = {Path(dag.fileloc).name for dag in bag.dags.values()}
     python_files = {p.name for p in DAGS.glob("*.py") if not p.name.startswith("_")}
     assert python_files <= files_with_dags, f"files without a DAG: {python_files - files_with_dags}"
-    assert set(bag.dags) == {"xffl_demo", "xffl_llama2_7b_it_cs"}
+    assert set(bag.dags) == {"xffl_demo", "xffl_demo.release", "xffl_llama2_7b_it_cs", "xffl_llama2_7b_it_cs.release"}
+    release = bag.dags["xffl_llama2_7b_it_cs.release"]
+    assert {"prepare_release", "centre_a.push", "centre_a.evaluate", "centre_b.pull", "select", "released", "approve",
+            "publish"} <= set(release.task_ids)  # fmt: skip
+    assert {"campaign_ended", "start_release"} <= set(bag.dags["xffl_llama2_7b_it_cs"].task_ids)
     hpc = bag.dags["xffl_llama2_7b_it_cs"]
     assert {"prepare", "centre_a.push", "centre_a.train", "centre_b.pull", "aggregate", "finalize", "next_round"} <= set(
         hpc.task_ids
     )
     assert hpc.max_active_runs == 1
     assert hpc.task_dict["centre_a.train"].retries == 3
+
+
+def test_two_configs_that_would_make_one_dag_id_are_refused_naming_both(tmp_path, monkeypatch):
+    import yaml
+    from xffl_airflow.federation.config import ConfigError
+    from xffl_airflow.federation.dag import build_federation_dags
+
+    monkeypatch.setenv("AIRFLOW_CONN_FACILITY_ITALY", json.dumps({"conn_type": "ssh", "host": "h", "login": "x"}))
+    paths = []
+    for campaign in ("it-cs", "it_cs"):
+        path = tmp_path / f"{campaign}.yaml"
+        path.write_text(yaml.safe_dump({"campaign": campaign, "storage": "/srv/xffl", "base_model": "/srv/m",
+                                        "facilities": [{"name": "italy", "workdir": "/w", "data": "/d"}]}))  # fmt: skip
+        paths.append(str(path))
+    import pytest
+
+    with pytest.raises(ConfigError, match=f"{paths[1]}: campaign makes DAG xffl_it_cs, as {paths[0]} does"):
+        build_federation_dags(paths)

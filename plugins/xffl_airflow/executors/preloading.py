@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PRELOAD = (
     "xffl_airflow.federation.dag",
-    "xffl_airflow.federation.rounds",
+    "xffl_airflow.federation.rounds.prepare",
+    "xffl_airflow.federation.rounds.transfers",
+    "xffl_airflow.federation.rounds.aggregate",
+    "xffl_airflow.federation.rounds.finalize",
     "xffl_airflow.transfer",
     "xffl_tasks.aggregate.aggregation",
 )

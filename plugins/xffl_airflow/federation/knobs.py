@@ -19,17 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from xffl_airflow.federation.errors import RunConfError
 from xffl_tasks.train.config import FIELDS_BY_NAME, TrainingConfig
 
 #: The run parameters every federation DAG has, besides its knobs.
 RUN_PARAMETERS = ("campaign", "round")
-#: A campaign's name: the config's ``campaign`` field and the run parameter alike. It becomes a
-#: folder under ``storage`` and at each facility, so nothing but these characters.
-CAMPAIGN = r"^[a-z][a-z0-9_-]{0,63}$"
-
-
-class RunConfError(ValueError):
-    """A run's conf asks for something the config did not open; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -238,13 +232,3 @@ def _paths(key: str, value: Any, depth: int = 0) -> list[str]:
     if isinstance(value, Mapping) and value and depth < 3:
         return [f"{name}.{sub}" for k, v in list(value.items())[:20] for sub in _paths(k, v, depth + 1)]
     return [name]
-
-
-def check_campaign(value: Any, where: str) -> str:
-    """A campaign name as the config and the run parameter must give it."""
-    if not isinstance(value, str) or not re.fullmatch(CAMPAIGN, value):
-        raise RunConfError(
-            f"{where}: a campaign name is 1-64 of a-z, 0-9, _ and -, starting with a letter; "
-            f"got {_shown(value)}"
-        )
-    return value

@@ -1,41 +1,40 @@
 """Where a campaign's files live, locally and at the facilities. Pure path arithmetic.
 
-Locally (the Airflow side, a folder every worker reaches)::
+Locally (the Airflow side, a folder every worker reaches; no UI user can write it)::
 
+    <storage>/<campaign>/campaign.json    the campaign's owner: the federation DAG that made it
     <storage>/<campaign>/round-NNNN/
+        plan.json               the round's sealed plan: all that its tasks obey
         input/                  links to the input model's files: what the facilities receive
+        base/                   (LoRA) links to the base model's files, pushed once per facility
+        steps/<facility>/push.json, train.json, pull.json   what each step did, under which plan
+        steps/aggregate.json    who was aggregated, who was left out and why
         global/                 the global model this round produced (+ aggregation.json)
         clients/<facility>/     each facility's trained model and metrics.json
         failures/<facility>.json  why a facility missed the round, when it did
         manifest.json           the round's record, chained to the previous round's
     <storage>/<campaign>/report.png, report.txt
 
-At a facility, inside its workdir::
+At a facility, inside its workdir, under the federation DAG's id (two federations that share a
+facility's account and workdir never share a folder there)::
 
-    <workdir>/<campaign>/round-NNNN/global/   the pushed global model
-    <workdir>/<campaign>/round-NNNN/local/    the model trained there
-    <workdir>/<campaign>/round-NNNN/jobs/     batch scripts and Slurm logs
+    <workdir>/<dag_id>/<campaign>/base/                (LoRA) the base model, kept across rounds
+    <workdir>/<dag_id>/<campaign>/stacked-base/round-NNNN/  (lora-stacked) the merged base of a round
+    <workdir>/<dag_id>/<campaign>/round-NNNN/global/   the pushed global model
+    <workdir>/<dag_id>/<campaign>/round-NNNN/local/    the model trained there
+    <workdir>/<dag_id>/<campaign>/round-NNNN/jobs/     batch scripts and Slurm logs
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from xffl_tasks.manifest import MANIFEST, round_dir_name
 
-RUN_ID = re.compile(r"^xffl__(?P<campaign>[a-z][a-z0-9_-]{0,63})__round-(?P<round>\d{4,})$")
-
-
-def run_id(campaign: str, round_number: int) -> str:
-    """The DAG run id of one round: deterministic, so a retried trigger cannot fork the chain."""
-    return f"xffl__{campaign}__{round_dir_name(round_number)}"
-
-
-def parse_run_id(value: str) -> tuple[str, int] | None:
-    match = RUN_ID.match(value)
-    return (match["campaign"], int(match["round"])) if match else None
+PLAN = "plan.json"
+OWNER = "campaign.json"
+STEPS = ("push", "train", "pull")
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,23 @@ class CampaignLayout:
     def campaign_dir(self) -> Path:
         return Path(self.storage) / self.campaign
 
+    @property
+    def owner_record(self) -> Path:
+        return self.campaign_dir / OWNER
+
     def round_dir(self, round_number: int) -> Path:
         return self.campaign_dir / round_dir_name(round_number)
+
+    def plan(self, round_number: int) -> Path:
+        return self.round_dir(round_number) / PLAN
+
+    def pushed_model(self, round_number: int) -> Path:
+        """The links to the round's input model: the folder every facility receives."""
+        return self.round_dir(round_number) / "input"
+
+    def pushed_base(self, round_number: int) -> Path:
+        """(LoRA) the links to the base model's files."""
+        return self.round_dir(round_number) / "base"
 
     def global_model(self, round_number: int) -> Path:
         """The global model that ``round_number`` produced."""
@@ -56,6 +70,14 @@ class CampaignLayout:
 
     def client_dir(self, round_number: int, facility: str) -> Path:
         return self.round_dir(round_number) / "clients" / facility
+
+    def step_record(self, round_number: int, facility: str, step: str) -> Path:
+        if step not in STEPS:
+            raise ValueError(f"no step {step!r}; one of {', '.join(STEPS)}")
+        return self.round_dir(round_number) / "steps" / facility / f"{step}.json"
+
+    def aggregate_record(self, round_number: int) -> Path:
+        return self.round_dir(round_number) / "steps" / "aggregate.json"
 
     def failure_record(self, round_number: int, facility: str) -> Path:
         return self.round_dir(round_number) / "failures" / f"{facility}.json"
@@ -78,10 +100,30 @@ class RemoteLayout:
 
     campaign: str
     round_number: int
+    #: The federation DAG's id (empty: directly in the workdir).
+    namespace: str = ""
+
+    @property
+    def campaign_dir(self) -> str:
+        return str(PurePosixPath(self.namespace) / self.campaign) if self.namespace else self.campaign
 
     @property
     def round_dir(self) -> str:
-        return str(PurePosixPath(self.campaign) / round_dir_name(self.round_number))
+        return str(PurePosixPath(self.campaign_dir) / round_dir_name(self.round_number))
+
+    @property
+    def base_dir(self) -> str:
+        """Where a LoRA campaign keeps the base model at a facility, across its rounds."""
+        return f"{self.campaign_dir}/base"
+
+    @property
+    def stacked_bases_dir(self) -> str:
+        """(lora-stacked) where a facility keeps its merged bases, one per round."""
+        return f"{self.campaign_dir}/stacked-base"
+
+    def merged_base(self, round_number: int) -> str:
+        """(lora-stacked) the base a facility trains on in ``round_number`` (>= 1)."""
+        return f"{self.stacked_bases_dir}/{round_dir_name(round_number)}"
 
     @property
     def global_dir(self) -> str:

@@ -6,13 +6,13 @@ final task prints into its log; ``write_report`` also draws ``report.png`` besid
 
 from __future__ import annotations
 
-import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from xffl_tasks.manifest import MANIFEST, round_dirs
+from xffl_tasks.manifest import MANIFEST, read_manifest, round_dirs
 
 COLUMNS = (
     ("round", "round", "{}"),
@@ -28,16 +28,22 @@ COLUMNS = (
     ("loss_before", "loss before", "{:.4f}"),
     ("loss_after", "loss after", "{:.4f}"),
     ("samples", "samples", "{}"),
+    ("epsilon", "eps", "{:.3f}"),
 )
 
 
 def load_manifests(campaign_dir: str | Path) -> list[dict[str, Any]]:
     manifests = []
     for _, folder in round_dirs(campaign_dir):
-        path = folder / MANIFEST
-        if path.is_file():
-            manifests.append(json.loads(path.read_text()))
+        manifest = read_manifest(folder / MANIFEST)
+        if manifest is not None:
+            manifests.append(manifest)
     return manifests
+
+
+#: Numbers beyond this (or not finite) are shown as "-" and not plotted: a manifest of an older
+#: version may hold any value, and neither the table nor the plot may fail on one.
+MAX_SHOWN = 1e12
 
 
 def _get(mapping: Any, *keys: str) -> Any:
@@ -45,6 +51,12 @@ def _get(mapping: Any, *keys: str) -> Any:
         if not isinstance(mapping, dict):
             return None
         mapping = mapping.get(key)
+    if isinstance(mapping, (int, float)) and not isinstance(mapping, bool):
+        try:
+            value = float(mapping)
+        except OverflowError:
+            return None
+        return mapping if math.isfinite(value) and abs(value) <= MAX_SHOWN else None
     return mapping
 
 
@@ -76,6 +88,7 @@ def campaign_rows(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "loss_before": _get(facility, "metrics", "val_loss_before"),
                     "loss_after": _get(facility, "metrics", "val_loss_after"),
                     "samples": _get(facility, "metrics", "num_samples"),
+                    "epsilon": _get(manifest, "privacy", "facilities", name, "epsilon"),
                 }
             )
         rows.append(
@@ -90,11 +103,12 @@ def campaign_rows(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "pull_s": None,
                 "moved_mb": sum(_moved_mb(f) or 0.0 for f in (manifest.get("facilities") or {}).values()),
                 "aggregation_s": _get(manifest, "aggregation", "seconds"),
-                "loss_before": manifest.get("weighted_val_loss"),
-                "loss_after": manifest.get("weighted_val_loss_after"),
+                "loss_before": _get(manifest, "weighted_val_loss"),
+                "loss_after": _get(manifest, "weighted_val_loss_after"),
                 "samples": sum(
                     (_get(f, "metrics", "num_samples") or 0) for f in (manifest.get("facilities") or {}).values()
                 ),
+                "epsilon": None,
             }
         )
     return rows
@@ -137,7 +151,9 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
     from matplotlib import pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    figure, (losses, times) = plt.subplots(1, 2, figsize=(11, 4.2))
+    private = any(r.get("epsilon") is not None for r in rows)
+    figure, axes = plt.subplots(1, 3 if private else 2, figsize=(16 if private else 11, 4.2))
+    losses, times = axes[0], axes[1]
     names = sorted({r["facility"] for r in rows})
     for name in names:
         mine = [r for r in rows if r["facility"] == name and r["loss_before"] is not None]
@@ -163,7 +179,17 @@ def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
         bottom = [b + h for b, h in zip(bottom, heights)]
     aggregation = [next((r["aggregation_s"] or 0.0 for r in rows if r["round"] == rnd and r["facility"] == "(global)"), 0.0) for rnd in rounds]
     times.bar(rounds, aggregation, bottom=bottom, label="aggregation")
-    for axis in (losses, times):
+    if private:  # the privacy ledger: each facility's epsilon, cumulative
+        spent = axes[2]
+        for name in names:
+            mine = [r for r in rows if r["facility"] == name and r.get("epsilon") is not None]
+            if mine:
+                spent.plot([r["round"] for r in mine], [r["epsilon"] for r in mine], marker="o", label=name)
+        spent.set_xlabel("round")
+        spent.set_ylabel("epsilon spent (cumulative)")
+        spent.legend(fontsize=8)
+        spent.grid(alpha=0.3)
+    for axis in axes:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     times.set_xlabel("round")
     times.set_ylabel("seconds")

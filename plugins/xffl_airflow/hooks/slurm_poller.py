@@ -16,7 +16,7 @@ Airflow connection, host-key mismatch, login refused) is reported as ``fatal`` a
 marker, a short squeue row) is skipped and logged, once per kind and poller: the other jobs'
 updates flow on, and the job it concerned is asked again at the next poll.
 
-Pollers are keyed by connection id and login environment (``login_preamble``, ``slurm_bin``):
+Pollers are keyed by connection id and login environment (``FacilityLogin``):
 two environments on one connection id never share a poller, whose commands run in its own.
 
 The poller runs in a task with an empty context, so its own log lines do not land in one
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 import asyncssh
 
 from xffl_airflow.hooks.slurm import QueryResult, SlurmClient, SlurmCommandError
-from xffl_airflow.slurm.commands import DEFAULT_LOG_CHUNK, LoginEnvironment, LogRead
+from xffl_airflow.slurm.commands import DEFAULT_LOG_CHUNK, LogRead
+from xffl_airflow.slurm.login import FacilityLogin
 from xffl_airflow.slurm.parsing import Malformed
 from xffl_airflow.slurm.script import end_record_path
 from xffl_airflow.slurm.states import Phase, SlurmJob
@@ -184,9 +185,9 @@ class FacilityPoller:
     """Polls one facility for every watch registered in this event loop. Use ``poller_for``."""
 
     def __init__(self, conn_id: str, *, connector: Connector | None = None,
-                 login: LoginEnvironment | None = None):  # fmt: skip
+                 login: FacilityLogin | None = None):  # fmt: skip
         self.conn_id = conn_id
-        self.login = login or LoginEnvironment()
+        self.login = login or FacilityLogin()
         self.key = self.login.key(conn_id)
         self.watches: dict[str, Watch] = {}
         self.closed = False
@@ -400,11 +401,11 @@ _POLLERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, Facilit
 
 
 def poller_for(conn_id: str, *, connector: Connector | None = None,
-               login: LoginEnvironment | None = None) -> FacilityPoller:  # fmt: skip
+               login: FacilityLogin | None = None) -> FacilityPoller:  # fmt: skip
     """The running loop's poller of ``conn_id`` in ``login`` environment (made on first use)."""
     loop = asyncio.get_running_loop()
     pollers = _POLLERS.setdefault(loop, {})
-    key = (login or LoginEnvironment()).key(conn_id)
+    key = (login or FacilityLogin()).key(conn_id)
     poller = pollers.get(key)
     if poller is None or poller.closed:
         poller = pollers[key] = FacilityPoller(conn_id, connector=connector, login=login)

@@ -4,25 +4,21 @@
 then defer to ``SlurmJobTrigger`` with a timeout. ``execute_complete()`` returns the job report
 to XCom or raises with the job's state, reason, exit code and log tail.
 
-Exactly once: the job id goes into ``context["task_state_store"]`` as soon as sbatch answers,
-and the job's ``--comment`` carries the task instance (``xffl/<dag>/<run>/<task>/<map>``). A
-retry or a restarted worker re-attaches to that job (found by id, else by its tag while it is
-queued or running) unless it ended in failure; a facility that cannot be asked is an error,
-never a reason to submit again. An sbatch whose answer is lost or unreadable (a noisy login
-shell, a dropped link, a timeout) is never followed by another sbatch: the job is first looked
-up by its tag (and a retry looks again, through a marker in the store). Once a job's success has been reported (the task succeeded),
-it is marked so in the store, with the try that reported it: clearing the task in the UI then
-runs the command again in a new job instead of handing back the old result. A retry of the same
-series of tries (Airflow failed the task after that try had reported, as its deferral race does
-under load: "finished with state success, but the task instance's state attribute is ...")
-hands back the same job's report instead of training again.
+Exactly once: the job id goes into ``context["task_state_store"]`` as soon as sbatch answers
+(``slurm_state``), and the job's ``--comment`` carries the task instance
+(``xffl/<dag>/<run>/<task>/<map>``). A retry or a restarted worker re-attaches to that job
+(found by id, else by its tag while it is queued or running) unless it ended in failure or was
+submitted under another ``job_context``; a facility that cannot be asked is an error, never a
+reason to submit again. An sbatch whose answer is lost is never followed by another sbatch: the
+job is first looked up by its tag. A reported success is marked in the store with the try that
+reported it: a clear runs the command again in a new job, while a retry of the same series of
+tries (Airflow failed the task after it reported, as its deferral race does under load) hands
+back the same job's report instead of training again.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
@@ -40,43 +36,29 @@ from xffl_airflow.operators.slurm_results import (
     SlurmSubmitRefused,
     check_event,
 )
+from xffl_airflow.operators.slurm_spec import JobSpec, check_untemplated, job_spec
+from xffl_airflow.operators.slurm_state import (
+    STATE_KEY,
+    first_try_of_series,
+    job_number,
+    mark_reported,
+    task_tag,
+    try_number_of,
+)
 from xffl_airflow.slurm import validation as v
-from xffl_airflow.slurm.commands import login_environment
 from xffl_airflow.slurm.errors import SlurmInputError
+from xffl_airflow.slurm.login import FacilityLogin
 from xffl_airflow.slurm.options import SbatchOptions
 from xffl_airflow.slurm.report import job_report
-from xffl_airflow.slurm.script import command_text, end_record_path, render_batch_script
+from xffl_airflow.slurm.script import end_record_path, render_batch_script
 from xffl_airflow.slurm.states import Phase, SlurmJob
-from xffl_airflow.slurm.tags import TaskTag, default_job_name
+from xffl_airflow.slurm.tags import TaskTag
 from xffl_airflow.ssh import FacilityConnectionError
 from xffl_airflow.triggers.slurm import SlurmJobTrigger
 
-STATE_KEY = "xffl_slurm_job"  # the task_state_store key holding the submitted job
 # defer() gets this much more than the trigger's own deadline, so the trigger's clear
 # "timeout" event normally wins over Airflow's TaskDeferralTimeout.
 DEFER_MARGIN = timedelta(minutes=5)
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """The operator's rendered, validated settings."""
-
-    options: SbatchOptions
-    command: str
-    env: dict[str, str]
-    workdir: str
-    job_name: str
-
-
-def _templated(value: Any) -> bool:
-    """Whether ``value`` still holds Jinja (then it is validated after rendering)."""
-    if isinstance(value, str):
-        return "{{" in value or "{%" in value
-    if isinstance(value, dict):
-        return any(_templated(k) or _templated(x) for k, x in value.items())
-    if isinstance(value, (list, tuple)):
-        return any(_templated(x) for x in value)
-    return False
 
 
 class SlurmOperator(BaseOperator):
@@ -102,10 +84,9 @@ class SlurmOperator(BaseOperator):
     :param fail_fast_exit_codes: exit statuses (1-255) by which the command says that its input
         is wrong; a job ending with one fails the task at once, without its retries (each retry
         would wait in the queue again for nothing). Default none: every failure is retried.
-    :param login_preamble: shell lines run on the login node before every Slurm command
-        (``module load slurm``, exports): the facility's login environment. Not templated.
-    :param slurm_bin: the absolute folder of the facility's Slurm commands, put first on the
-        PATH of every Slurm command. Not templated.
+    :param login: the facility's login environment (``FacilityLogin``: shell lines run on the
+        login node before every Slurm command, such as ``module load slurm``, and the folder of
+        the Slurm commands, put first on their PATH), validated when it was made. Not templated.
 
     Returns (XCom) the job report: ``job_id``, ``cluster``, ``conn_id``, ``state``,
     ``exit_code``, ``reason``, ``submit_time``, ``start_time``, ``end_time`` (ISO 8601),
@@ -135,8 +116,7 @@ class SlurmOperator(BaseOperator):
         follow_log: bool = True,
         cancel_on_timeout: bool = True,
         fail_fast_exit_codes: Collection[int] = (),
-        login_preamble: Sequence[str] | None = None,
-        slurm_bin: str | None = None,
+        login: FacilityLogin | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -166,12 +146,14 @@ class SlurmOperator(BaseOperator):
                 f"got {fail_fast_exit_codes!r}"
             )
         self.fail_fast_exit_codes = frozenset(codes)
-        try:
-            login = login_environment(login_preamble, slurm_bin)
-        except SlurmInputError as error:
-            raise SlurmConfigError(f"task {self.task_id} ({ssh_conn_id}): {error}") from None
-        self.login_preamble = list(login.preamble)
-        self.slurm_bin = login.slurm_bin
+        if login is not None and not isinstance(login, FacilityLogin):
+            raise SlurmConfigError(
+                f"task {self.task_id} ({ssh_conn_id}): login must be a FacilityLogin, got {type(login).__name__}"
+            )
+        self.login = login or FacilityLogin()
+        #: What a job must have been submitted under to be taken up again by a later try (a
+        #: subclass sets it, e.g. the sha256 of the round's plan); stored beside the job's id.
+        self.job_context: dict[str, str] = {}
         self._job_id: str | None = None
         self._newest_known: str | None = None  # the newest job id of this task instance seen
         self._ti: Any = None  # the running task instance (try_number, max_tries)
@@ -186,30 +168,15 @@ class SlurmOperator(BaseOperator):
     def _check_untemplated(self) -> None:
         """Fails at DAG parse time on whatever holds no Jinja (the rest is checked in execute)."""
         try:
-            if not _templated(self.sbatch):
-                SbatchOptions.from_dict(self.sbatch)
-            if not _templated(self.command):
-                command_text(self.command)
-            if not _templated(self.remote_workdir):
-                v.check_path(self.remote_workdir, "remote_workdir")
-            if self.job_name is not None and not _templated(self.job_name):
-                v.check_job_name(self.job_name)
-            if not _templated(self.env):
-                v.check_env(self.env)
+            check_untemplated(sbatch=self.sbatch, command=self.command, remote_workdir=self.remote_workdir,
+                              job_name=self.job_name, env=self.env)  # fmt: skip
         except SlurmInputError as error:
             raise SlurmConfigError(f"task {self.task_id} ({self.ssh_conn_id}): {error}") from None
 
     def _spec(self, tag: TaskTag) -> JobSpec:
         try:
-            return JobSpec(
-                options=SbatchOptions.from_dict(self.sbatch),
-                command=command_text(self.command),
-                env=v.check_env(self.env),
-                workdir=v.check_path(self.remote_workdir, "remote_workdir"),
-                job_name=v.check_job_name(self.job_name)
-                if self.job_name
-                else default_job_name(tag.dag_id, tag.task_id, tag.map_index),
-            )
+            return job_spec(sbatch=self.sbatch, command=self.command, remote_workdir=self.remote_workdir,
+                            job_name=self.job_name, env=self.env, tag=tag)  # fmt: skip
         except SlurmInputError as error:
             raise SlurmConfigError(f"task {self.task_id} ({self.ssh_conn_id}): {error}") from None
 
@@ -217,7 +184,7 @@ class SlurmOperator(BaseOperator):
 
     def execute(self, context: Context) -> dict[str, Any]:
         self._ti = context["ti"]
-        tag = _task_tag(context, self.task_id)
+        tag = task_tag(context, self.task_id)
         spec = self._spec(tag)
         store = context.get("task_state_store")
         if store is None:
@@ -235,8 +202,8 @@ class SlurmOperator(BaseOperator):
                     report = job_report(
                         job, conn_id=self.ssh_conn_id, log_path=ref.get("log_path"), tz=tz
                     )
-                    _mark_reported(
-                        store, ref["job_id"], report.get("cluster"), _try_number(self._ti)
+                    mark_reported(
+                        store, ref["job_id"], report.get("cluster"), try_number_of(self._ti)
                     )
                     return report
             except FacilityConnectionError as error:
@@ -258,8 +225,7 @@ class SlurmOperator(BaseOperator):
                 follow_log=self.follow_log,
                 timeout_at=timeout_at.isoformat(),
                 cancel_on_kill=True,
-                login_preamble=self.login_preamble,
-                slurm_bin=self.slurm_bin,
+                login=self.login.to_dict(),
             ),
             method_name="execute_complete",
             timeout=self.timeout + DEFER_MARGIN,
@@ -270,6 +236,9 @@ class SlurmOperator(BaseOperator):
         """The job an earlier try of this task instance submitted, unless it ended in failure."""
         self._newest_known = None
         stored = store.get(STATE_KEY) if store is not None else None
+        if isinstance(stored, dict) and stored.get("conn_id") == self.ssh_conn_id and not self._same_context(stored):
+            self._retire(hook, stored)
+            return None
         if (
             isinstance(stored, dict)
             and not stored.get("job_id")
@@ -352,6 +321,26 @@ class SlurmOperator(BaseOperator):
         )
         return ref, job, tz
 
+    def _same_context(self, stored: dict[str, Any]) -> bool:
+        return all(stored.get(key) == value for key, value in self.job_context.items())
+
+    def _retire(self, hook: SlurmHook, stored: dict[str, Any]) -> None:
+        """An earlier try's job was submitted under another context (another plan): it is not
+        this try's job. Cancelled if it may still run (it would write where the new job writes)."""
+        shown = {key: stored.get(key) for key in self.job_context}
+        if not stored.get("job_id"):
+            self.log.warning("An earlier try's sbatch (answer lost) ran under %s, not %s: submitting anew", shown, self.job_context)
+            return
+        job_id = v.check_job_id(stored["job_id"])
+        self.log.warning(
+            "Job %s of an earlier try was submitted under %s, not %s: cancelling it if it still runs, "
+            "submitting anew", job_id, shown, self.job_context,
+        )  # fmt: skip
+        try:
+            hook.cancel(job_id)
+        except SlurmCommandError as error:  # ended or purged already: nothing to stop
+            self.log.info("Job %s was not cancelled: %s", job_id, error)
+
     def _submit(self, hook: SlurmHook, store: Any, spec: JobSpec, tag: TaskTag
                 ) -> tuple[dict[str, Any], SlurmJob | None, str | None]:  # fmt: skip
         workdir = hook.resolve_workdir(spec.workdir)
@@ -368,7 +357,7 @@ class SlurmOperator(BaseOperator):
             after = self._newest_known
             if store is not None:
                 store.set(STATE_KEY, {"conn_id": self.ssh_conn_id, "job_name": spec.job_name,
-                                      "unconfirmed_after": after})  # fmt: skip
+                                      "unconfirmed_after": after, **self.job_context})  # fmt: skip
             self.log.warning("%s: looking for the job by its tag %s", error, tag.comment)
             found = self._unconfirmed(hook, store, spec, tag, after, output=output)
             if found is None:
@@ -393,7 +382,7 @@ class SlurmOperator(BaseOperator):
         newer than ``after`` (the newest one known before that sbatch), in any state."""
         tz, found = hook.find_tagged(spec.job_name, tag.comment)
         newer = [
-            job for job in found if after is None or _job_number(job.job_id) > _job_number(after)
+            job for job in found if after is None or job_number(job.job_id) > job_number(after)
         ]
         if not newer:
             return None
@@ -417,6 +406,7 @@ class SlurmOperator(BaseOperator):
         return {
             "job_id": job_id,
             "conn_id": self.ssh_conn_id,
+            **self.job_context,
             **({"cluster": cluster} if cluster else {}),
             "log_path": log_path,
             "job_name": spec.job_name,
@@ -436,8 +426,8 @@ class SlurmOperator(BaseOperator):
             report["queue_wait_s"], report["run_s"],
         )  # fmt: skip
         store = context.get("task_state_store")
-        try_number = _try_number(context.get("ti"))
-        _mark_reported(store, str(report["job_id"]), report.get("cluster"), try_number)
+        try_number = try_number_of(context.get("ti"))
+        mark_reported(store, str(report["job_id"]), report.get("cluster"), try_number)
         return report
 
     def on_kill(self) -> None:
@@ -456,56 +446,4 @@ class SlurmOperator(BaseOperator):
             )
 
     def _hook(self) -> SlurmHook:
-        return SlurmHook(ssh_conn_id=self.ssh_conn_id, login_preamble=self.login_preamble,
-                         slurm_bin=self.slurm_bin)  # fmt: skip
-
-
-def _job_number(job_id: str) -> int:
-    """The numeric part of a job id (``123`` of ``123_4``), for telling newer from older."""
-    return int(re.match(r"\d+", job_id).group(0))
-
-
-def first_try_of_series(ti: Any, retries: int | None) -> int | None:
-    """The first try of the task instance's current series of tries: 1, or the try after the
-    last clear (clearing sets ``max_tries`` to the try number then plus ``retries``). Airflow
-    computes it the same way for sensor reschedules. None when the task instance does not say.
-    """
-    max_tries = getattr(ti, "max_tries", None)
-    try_number = _try_number(ti)
-    if not isinstance(max_tries, int) or try_number is None or max_tries < 0:
-        return None
-    return series_start(try_number=try_number, max_tries=max_tries, retries=int(retries or 0))
-
-
-def series_start(*, try_number: int, max_tries: int, retries: int) -> int | None:
-    """``max_tries - retries + 1``, when that is a try at or before ``try_number``."""
-    first = max_tries - retries + 1
-    return first if 1 <= first <= try_number else None
-
-
-def _try_number(ti: Any) -> int | None:
-    value = getattr(ti, "try_number", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
-
-
-def _mark_reported(
-    store: Any, job_id: str, cluster: str | None = None, try_number: int | None = None
-) -> None:
-    """Records in the store that ``job_id``'s success went to the task's result (XCom) in try
-    ``try_number``, and the cluster it ran on when sbatch did not say."""
-    stored = store.get(STATE_KEY) if store is not None else None
-    if isinstance(stored, dict) and stored.get("job_id") == job_id:
-        known = {"cluster": cluster} if cluster and not stored.get("cluster") else {}
-        by = {"reported_try": try_number} if try_number is not None else {}
-        store.set(STATE_KEY, {**stored, **known, "reported": True, **by})
-
-
-def _task_tag(context: Context, task_id: str) -> TaskTag:
-    ti = context["ti"]
-    map_index = getattr(ti, "map_index", -1)
-    try:
-        return TaskTag(
-            ti.dag_id, ti.run_id, ti.task_id, -1 if map_index is None else int(map_index)
-        )
-    except SlurmInputError as error:
-        raise SlurmConfigError(f"task {task_id}: cannot tag its Slurm job: {error}") from None
+        return SlurmHook(ssh_conn_id=self.ssh_conn_id, login=self.login)

@@ -10,11 +10,20 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from xffl_airflow.secrets_scrub import scrub_env
 from xffl_airflow.slurm.report import REPORT_KEYS
 
 
 class SlurmJobError(AirflowException):
-    """A Slurm job could not be run or watched; the message names the facility and the cause."""
+    """A Slurm job could not be run or watched; the message names the facility and the cause.
+
+    The message may quote values, the job's log tail and what Slurm printed: every run of it
+    that comes from an ``${XFFL_*}`` variable is masked (``xffl_airflow.secrets_scrub``;
+    docs/security.md, R3).
+    """
+
+    def __init__(self, message: object = "", *args: Any):
+        super().__init__(scrub_env(str(message)), *args)
 
 
 class SlurmConfigError(AirflowFailException, SlurmJobError):

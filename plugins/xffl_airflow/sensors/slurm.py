@@ -17,8 +17,8 @@ from xffl_airflow.operators.slurm_results import (
     failure_message,
 )
 from xffl_airflow.slurm import validation as v
-from xffl_airflow.slurm.commands import login_environment
 from xffl_airflow.slurm.errors import SlurmInputError
+from xffl_airflow.slurm.login import FacilityLogin
 from xffl_airflow.slurm.report import job_report
 from xffl_airflow.slurm.states import Phase, SlurmJob
 from xffl_airflow.ssh import FacilityConnectionError
@@ -42,8 +42,8 @@ class SlurmJobSensor(BaseSensorOperator):
     :param log_tail_lines: last log lines shown when the job fails.
     :param follow_log: stream the job's log into the task log.
     :param deferrable: wait in the triggerer (default); False pokes from a worker.
-    :param login_preamble: shell lines run before every Slurm command at the facility.
-    :param slurm_bin: the absolute folder of the facility's Slurm commands.
+    :param login: the facility's login environment (``FacilityLogin``: shell lines run before
+        every Slurm command, the folder of the Slurm commands). Not templated.
 
     ``timeout`` (seconds, from ``BaseSensorOperator``) bounds the wait. Returns (XCom) the job
     report, as ``SlurmOperator`` does.
@@ -62,8 +62,7 @@ class SlurmJobSensor(BaseSensorOperator):
         log_tail_lines: int = 50,
         follow_log: bool = True,
         deferrable: bool = True,
-        login_preamble: Sequence[str] | None = None,
-        slurm_bin: str | None = None,
+        login: FacilityLogin | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("poke_interval", poll_interval)
@@ -78,12 +77,11 @@ class SlurmJobSensor(BaseSensorOperator):
         self.log_tail_lines = int(log_tail_lines)
         self.follow_log = follow_log
         self.deferrable = deferrable
-        try:
-            login = login_environment(login_preamble, slurm_bin)
-        except SlurmInputError as error:
-            raise SlurmConfigError(f"task {self.task_id} ({ssh_conn_id}): {error}") from None
-        self.login_preamble = list(login.preamble)
-        self.slurm_bin = login.slurm_bin
+        if login is not None and not isinstance(login, FacilityLogin):
+            raise SlurmConfigError(
+                f"task {self.task_id} ({ssh_conn_id}): login must be a FacilityLogin, got {type(login).__name__}"
+            )
+        self.login = login or FacilityLogin()
 
     def execute(self, context: Context) -> Any:
         if not self.deferrable:
@@ -106,8 +104,7 @@ class SlurmJobSensor(BaseSensorOperator):
                 follow_log=self.follow_log,
                 timeout_at=(datetime.now(UTC) + timeout).isoformat(),
                 cancel_on_kill=False,
-                login_preamble=self.login_preamble,
-                slurm_bin=self.slurm_bin,
+                login=self.login.to_dict(),
             ),
             method_name="execute_complete",
             timeout=timeout + DEFER_MARGIN,
@@ -161,8 +158,7 @@ class SlurmJobSensor(BaseSensorOperator):
         return job, log_path, answer.tz
 
     def _hook(self) -> SlurmHook:
-        return SlurmHook(ssh_conn_id=self.ssh_conn_id, login_preamble=self.login_preamble,
-                         slurm_bin=self.slurm_bin)  # fmt: skip
+        return SlurmHook(ssh_conn_id=self.ssh_conn_id, login=self.login)
 
     def _ended(self, job: SlurmJob, log_path: str | None, tz: str | None) -> dict[str, Any]:
         report = job_report(job, conn_id=self.ssh_conn_id, log_path=log_path, tz=tz)

@@ -9,21 +9,26 @@ output is framed by ``@@xffl`` marker lines that ``parsing.parse_sections`` read
     @@xffl begin squeue [ARG]               a command's combined output follows ...
     @@xffl end RC                           ... and its exit status
     @@xffl log KEY SIZE OFFSET COUNT        then one line: COUNT bytes of the log from OFFSET, base64
+    @@xffl tail JOB                         then one line: the last lines of JOB's log, base64
     @@xffl begin end JOB                    a job's end record (``script.end_record_path``), base64
 
-Every command runs in the facility's login environment (``LoginEnvironment``: the config's
+What a job writes (its log) travels only base64-encoded, on one line after its marker: a job
+whose log holds ``@@xffl`` lines cannot end a section early, hide its own last lines, or forge
+another job's answer in the same output.
+
+Every command runs in the facility's login environment (``FacilityLogin``: the config's
 ``login_preamble`` lines, then ``slurm_bin`` first on the PATH), see ``build_login_command``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 import shlex
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from xffl_airflow.slurm import validation as v
+from xffl_airflow.slurm.login import FacilityLogin
 
 MARK = "@@xffl"
 FIELD_SEP = "\x1f"  # ASCII unit separator: cannot appear in names, paths or comments we print
@@ -38,6 +43,8 @@ SACCT_FIELDS = (
 )  # fmt: skip
 # Longest log slice read per job and poll; the rest comes with the next poll.
 DEFAULT_LOG_CHUNK = 256 * 1024
+# Longest log tail read per job (the last lines, cut to this many bytes).
+MAX_TAIL = 64 * 1024
 # Longest end record read (a real one is under 100 bytes; longer ones are refused unread).
 MAX_END_RECORD = 256
 
@@ -50,6 +57,14 @@ _LOG_FUNCTION = f"""xffl_log() {{
   if [ "$n" -gt "$4" ]; then n=$4; fi
   printf '{MARK} log %s %s %s %s\\n' "$1" "$s" "$o" "$n"
   if [ "$n" -gt 0 ]; then tail -c +$((o + 1)) -- "$2" 2>/dev/null | head -c "$n" | base64 -w 0; fi
+  printf '\\n'
+}}"""
+
+# The last lines of a log: "$1" the job id, "$2" the lines, "$3" the file. tail's errors (a
+# missing file) are dropped: that file's data line is empty, as for an empty log.
+_TAIL_FUNCTION = f"""xffl_tail() {{
+  printf '{MARK} tail %s\\n' "$1"
+  {{ tail -n "$2" -- "$3" | tail -c {MAX_TAIL}; }} 2>/dev/null | base64 -w 0
   printf '\\n'
 }}"""
 
@@ -156,14 +171,15 @@ def build_find_script(job_name: str, *, days: int = 7) -> str:
 
 
 def build_tail_script(reads: Sequence[tuple[str, str]], lines: int) -> str:
-    """The last ``lines`` lines (at most 64 KiB) of each ``(job_id, log_path)``."""
+    """The last ``lines`` lines (at most ``MAX_TAIL`` bytes) of each ``(job_id, log_path)``:
+    ``@@xffl tail JOB``, then one line of base64 (``parsing.Output.tails``)."""
     if lines <= 0:
         raise v.SlurmInputError("log_tail_lines", f"must be positive, got {lines}")
-    parts = []
+    parts = [_TAIL_FUNCTION + "\n"]
     for job_id, path in reads:
         job_id = v.check_job_id(job_id)
         path = shlex.quote(v.check_path(path, "log_path", patterns=True))
-        parts.append(_section("tail", f"tail -n {int(lines)} -- {path} | tail -c 65536", job_id))
+        parts.append(f"xffl_tail {shlex.quote(job_id)} {int(lines)} {path}\n")
     return "".join(parts)
 
 
@@ -194,48 +210,7 @@ def build_cancel_command(job_id: str) -> str:
     return f"scancel {shlex.quote(v.check_job_id(job_id))}"
 
 
-@dataclass(frozen=True)
-class LoginEnvironment:
-    """What a facility's login shell needs before any Slurm command: ``preamble`` lines
-    (``module load slurm``, exports) and ``slurm_bin``, the folder of the Slurm commands.
-
-    Fixed by the config author when the DAG is built; build it with ``login_environment``.
-    """
-
-    preamble: tuple[str, ...] = ()
-    slurm_bin: str | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self.preamble or self.slurm_bin)
-
-    def key(self, conn_id: str) -> str:
-        """``conn_id``, told apart from the same facility in another login environment."""
-        if not self:
-            return conn_id
-        digest = hashlib.sha256(repr((self.preamble, self.slurm_bin)).encode()).hexdigest()[:12]
-        return f"{conn_id}#login-{digest}"
-
-
-def login_environment(
-    login_preamble: Iterable[str] | None = None, slurm_bin: str | None = None
-) -> LoginEnvironment:
-    """Validates a facility's login environment: single shell lines, an absolute folder."""
-    if isinstance(login_preamble, str):
-        raise v.SlurmInputError("login_preamble", "must be a list of shell lines, got a string")
-    lines = tuple(
-        v.check_shell_line(line, f"login_preamble[{index}]")
-        for index, line in enumerate(login_preamble or ())
-    )
-    if slurm_bin is not None:
-        slurm_bin = v.check_path(slurm_bin, "slurm_bin")
-        if not slurm_bin.startswith("/") or ".." in slurm_bin.split("/"):
-            raise v.SlurmInputError(
-                "slurm_bin", f"{slurm_bin!r} must be an absolute folder without '..'"
-            )
-    return LoginEnvironment(tuple(line for line in lines if line.strip()), slurm_bin)
-
-
-def build_login_command(command: str, login: LoginEnvironment | None) -> str:
+def build_login_command(command: str, login: FacilityLogin | None) -> str:
     """``command`` after the login preamble and with ``slurm_bin`` first on the PATH.
 
     The preamble runs in the command's shell (its exports hold for the command), its stdin

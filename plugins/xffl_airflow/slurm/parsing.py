@@ -14,13 +14,11 @@ from __future__ import annotations
 import base64
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
 
 from xffl_airflow.remote_text import split_lines
 from xffl_airflow.slurm.commands import (
     FIELD_SEP,
     MARK,
-    MAX_END_RECORD,
     SACCT_FIELDS,
     SQUEUE_FIELDS,
 )
@@ -35,6 +33,7 @@ _TZ = re.compile(r"^[+-][0-9]{4}$")
 # ASCII digits only: int() also takes "+1", " 1", "1_0" and digits of other scripts.
 _INT = re.compile(r"-?[0-9]{1,19}")
 MAX_QUOTED = 200  # a malformed line is kept up to this many characters
+MAX_TAIL_LINE = 4000  # a log tail's line is cut to this many characters (as the poller cuts)
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class Malformed:
     """A line of a facility's output that could not be read, and was skipped.
 
     :param kind: what it should have been: ``marker`` (an ``@@xffl`` line), ``log`` (a log
-        chunk's header or data), ``squeue``, ``sacct``
+        chunk's header or data), ``tail`` (a log tail's header or data), ``squeue``, ``sacct``
     :param line: the line as received, cut to ``MAX_QUOTED`` characters (show it with repr)
     """
 
@@ -75,6 +74,7 @@ class Output:
     tz: str | None = None
     sections: list[Section] = field(default_factory=list)
     logs: dict[str, LogChunk] = field(default_factory=dict)
+    tails: dict[str, bytes] = field(default_factory=dict)  # job id: the log's last lines
     malformed: list[Malformed] = field(default_factory=list)
 
     def section(self, name: str, arg: str | None = None) -> Section | None:
@@ -88,7 +88,9 @@ def parse_sections(data: bytes | str) -> Output:
     """Splits the output of a script from ``commands`` into its marked parts.
 
     Never raises: a marker line that cannot be read is recorded in ``malformed`` and skipped
-    (a log chunk with a bad header or bad base64 is left out, so its reader asks again).
+    (a log chunk with a bad header or bad base64 is left out, so its reader asks again; so is
+    a log tail). Log bytes travel only as base64 (``log`` and ``tail`` data lines), so nothing
+    a job writes can read as a marker.
     """
     if isinstance(data, str):
         data = data.encode(errors="surrogateescape")
@@ -140,23 +142,54 @@ def parse_sections(data: bytes | str) -> Output:
             key, size, offset, count = words[2], int(words[3]), int(words[4]), int(words[5])
             if i >= len(lines):  # cut off before the data: no chunk, ask again
                 break
-            encoded = lines[i]
-            if encoded.startswith(MARK.encode()):  # the data line is missing: a marker follows
-                malformed("log", line)
+            chunk, i = _data_line(lines, i, "log", line, malformed)
+            if chunk is not None:
+                out.logs[key] = LogChunk(key, size, offset, chunk[:count])
+        elif kind == "tail":
+            if len(words) != 3 or not words[2]:
+                malformed("tail", line)
                 continue
-            i += 1
-            try:
-                chunk = base64.b64decode(encoded, validate=True)
-            except ValueError:
-                malformed("log", encoded)
-                continue
-            out.logs[key] = LogChunk(key, size, offset, chunk[:count])
+            if i >= len(lines):  # cut off before the data: no tail
+                break
+            data, i = _data_line(lines, i, "tail", line, malformed)
+            if data is not None:
+                out.tails[words[2]] = data
         else:
             malformed("marker", line)
     if current is not None:  # cut off mid-section: keep what came, without an exit status
         current.text = "\n".join(body).strip("\n")
         out.sections.append(current)
     return out
+
+
+def _data_line(
+    lines: list[bytes], i: int, kind: str, header: str, malformed
+) -> tuple[bytes | None, int]:
+    """The base64 line at ``lines[i]`` after a ``kind`` marker ``header``, decoded, and the
+    index of the next line; None (recorded in ``malformed``) when it is missing or not base64."""
+    encoded = lines[i]
+    if encoded.startswith(MARK.encode()):  # the data line is missing: a marker follows
+        malformed(kind, header)
+        return None, i
+    try:
+        return base64.b64decode(encoded, validate=True), i + 1
+    except ValueError:
+        malformed(kind, encoded)
+        return None, i + 1
+
+
+def tail_lines(data: bytes, lines: int, *, max_line: int = MAX_TAIL_LINE) -> list[str]:
+    """The last ``lines`` non-blank lines of a log tail (``Output.tails``), split on ``"\\n"``
+    only, each without its ``"\\r"`` and cut to ``max_line`` characters."""
+    if lines <= 0:
+        return []
+    text = data.decode(errors="replace")
+    kept = []
+    for line in split_lines(text):
+        line = line.rstrip("\r")
+        if line.strip():
+            kept.append(line if len(line) <= max_line else line[:max_line] + " [...]")
+    return kept[-lines:]
 
 
 def _value(text: str | None) -> str | None:
@@ -396,62 +429,6 @@ def scontrol_answer(section: Section | None) -> list[SlurmJob] | None:
     if section.rc != 0:
         return [] if INVALID_JOB_ID in section.text else None
     return parse_scontrol(section.text)
-
-
-# The end record the batch script writes (see ``script``): one line, every field present.
-_END_RECORD = re.compile(
-    rb"xffl-end 1 job=([0-9]{1,12}) rc=([0-9]{1,3}) signal=(TERM|) start=([0-9]{1,12}) "
-    rb"end=([0-9]{1,12}) limit=([0-9]{0,12})\n?"
-)
-# A TERM this close to the time limit (or later) is the limit's, not a scancel's.
-TIME_LIMIT_SLACK = 10
-
-
-def parse_end_record(data: bytes, *, job_id: str, tz: str | None = None) -> SlurmJob | None:
-    """The job's end from its end record; None when the record is not one (too long, any
-    deviation from the format, another job's, times out of order): never a guess.
-
-    Exit 0 is COMPLETED; another exit status FAILED with that code; a TERM is TIMEOUT when it
-    came at the time limit, CANCELLED otherwise (both with exit code ``0:15``).
-    """
-    if not isinstance(data, bytes) or len(data) > MAX_END_RECORD:
-        return None
-    match = _END_RECORD.fullmatch(data)
-    if match is None:
-        return None
-    job, rc, signal, start, end, limit = (g.decode("ascii") for g in match.groups())
-    if int(rc) > 255 or int(start) > int(end) or (job_id.isdigit() and job != job_id):
-        return None
-    if signal:
-        timed_out = bool(limit) and int(end) - int(start) >= int(limit) - TIME_LIMIT_SLACK
-        state, exit_code = ("TIMEOUT" if timed_out else "CANCELLED"), "0:15"
-        reason = "TimeLimit" if timed_out else None
-    else:
-        state = "COMPLETED" if rc == "0" else "FAILED"
-        exit_code, reason = f"{int(rc)}:0", None if rc == "0" else "NonZeroExitCode"
-    return SlurmJob(job_id=job_id, state=state, exit_code=exit_code, reason=reason,
-                    start_time=_epoch_time(int(start), tz), end_time=_epoch_time(int(end), tz),
-                    source="end-record", raw_id=job)  # fmt: skip
-
-
-def end_record_answer(section: Section | None, *, job_id: str, tz: str | None) -> SlurmJob | None:
-    """The job from the ``end`` section (base64 of the record); None when absent or unreadable."""
-    if section is None or section.rc != 0:
-        return None
-    try:
-        data = base64.b64decode(section.text.strip(), validate=True)
-    except ValueError:
-        return None
-    return parse_end_record(data, job_id=job_id, tz=tz)
-
-
-def _epoch_time(seconds: int, tz: str | None) -> str | None:
-    """Epoch seconds as Slurm prints times: facility local (``tz``; UTC when unknown)."""
-    try:
-        zone = timezone(timedelta(seconds=tz_offset_seconds(tz) or 0))
-        return datetime.fromtimestamp(seconds, zone).strftime("%Y-%m-%dT%H:%M:%S")
-    except (OverflowError, OSError, ValueError):
-        return None
 
 
 def tz_offset_seconds(tz: str | None) -> int | None:

@@ -10,7 +10,7 @@ Slurm sends TERM to the whole job, then KILL after ``KillWait``)::
 
 ``rc`` is the job's exit status, ``signal`` ``TERM`` when the job was told to stop, ``start``
 and ``end`` epoch seconds, ``limit`` the ``--time`` limit in seconds (empty when not set).
-``parsing.parse_end_record`` reads it back.
+``end_records.parse_end_record`` reads it back.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 
     site = RemoteFacility(name="site1", conn_id="facility_site1", workdir="/scratch/xffl")
     report = push(Path("/models/global-r3"), site, "round-3/global")
-    report = pull(site, "round-3/trained", Path("/models/site1-r3"))
+    report = pull(site, "round-3/trained", Path("/models/site1-r3"),
+                  budget=PullBudget.for_model(Path("/models/global-r3"), adapter=False))
     report.to_dict()  # JSON-safe: per-file sha256, bytes sent/skipped/resumed, MB/s, retries
 
 Both calls are synchronous (they run their own event loop) and meant for worker tasks, never
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from xffl_airflow.ssh import FacilityConnectionError, SSHTarget, get_target
+from xffl_airflow.transfer.budget import FileAllowance, PullBudget, PullRefused, check_listing
 from xffl_airflow.transfer.errors import TransferError
 from xffl_airflow.transfer.facility import RemoteFacility
 from xffl_airflow.transfer.local import scan_folder
@@ -29,7 +31,10 @@ from xffl_airflow.transfer.pull import PullRun
 from xffl_airflow.transfer.push import PushRun
 from xffl_airflow.transfer.report import TransferReport
 
-__all__ = ["RemoteFacility", "TransferError", "TransferOptions", "TransferReport", "pull", "push"]
+__all__ = [
+    "FileAllowance", "PullBudget", "PullRefused", "RemoteFacility", "TransferError",
+    "TransferOptions", "TransferReport", "check_listing", "pull", "push",
+]  # fmt: skip
 
 T = TypeVar("T")
 
@@ -63,7 +68,12 @@ def push(
 
 
 def pull(
-    facility: RemoteFacility, remote_dir: str, local_dir: Path, **tuning: Any
+    facility: RemoteFacility,
+    remote_dir: str,
+    local_dir: Path,
+    *,
+    budget: PullBudget | None = None,
+    **tuning: Any,
 ) -> TransferReport:
     """Copies the folder ``remote_dir`` on ``facility`` into the local folder ``local_dir``.
 
@@ -71,17 +81,24 @@ def pull(
     it must resolve inside the workdir. ``local_dir`` is created if missing. Every file is
     verified against ``sha256sum`` on the facility before it takes its final name; local files
     with the same sha256 are skipped; an interrupted file resumes. Raises ``TransferError``.
+
+    ``budget`` (``PullBudget``; what a facility sends is untrusted, so a caller that pulls its
+    outputs passes one) bounds which files come, each one's size, their count and total: the
+    remote listing is checked before anything is written, and an excess raises ``PullRefused``
+    (a ``TransferError``, not retryable) naming the facility, the file and the limit.
     """
     options = TransferOptions.from_tuning(tuning)
     remote = facility.resolve(remote_dir)
     local = Path(local_dir)
     try:
-        local.mkdir(parents=True, exist_ok=True)
+        if budget is None:  # with a budget, the folder appears once the listing fits it
+            local.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise TransferError(
             facility.name, f"cannot create local folder {local}: {error.strerror}", path=str(local)
         ) from None
     run = PullRun(
+        budget=budget,
         facility=facility,
         target=_target(facility),
         options=options,

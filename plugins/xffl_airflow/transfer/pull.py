@@ -4,6 +4,10 @@ Each file lands in ``.NAME.xffl-part`` beside its final local name while the fac
 its source with ``sha256sum`` (at the same time); it is renamed into place only when that
 matches the sha256 computed here while receiving. A local file that already hashes alike is
 skipped. Symlinks in the remote folder are followed only when they resolve inside the workdir.
+
+With a ``PullBudget`` (``transfer.budget``), the listing is checked against it before anything
+is written locally, and listing stops once the folder holds more entries than it allows: a
+refused pull raises ``PullRefused`` and writes nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from xffl_airflow.transfer.budget import PullBudget, PullRefused, check_listing
 from xffl_airflow.transfer.errors import TransferError
 from xffl_airflow.transfer.facility import check_relative_name, is_part_name, part_path
 from xffl_airflow.transfer.local import sha256_file
@@ -37,24 +42,33 @@ class RemoteFile:
 
 
 class PullRun(TransferRun):
-    """Fetches every file below ``remote_dir`` on the facility into ``local_dir``."""
+    """Fetches every file below ``remote_dir`` on the facility into ``local_dir``, within
+    ``budget`` when one is given."""
 
     direction = "pull"
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, budget: PullBudget | None = None, **kwargs):
         super().__init__(**kwargs)
+        self.budget = budget
         self.files: list[RemoteFile] | None = None
+        self._listed = 0  # entries listed so far (files, folders, our temporary names)
 
     async def attempt(self, session: FacilitySession) -> None:
         if self.files is None:
             await session.confine(self.remote_dir)
-            self.files = await self.list_folder(session, self.remote_dir, "")
-            if not self.files:
+            self._listed = 0
+            files = await self.list_folder(session, self.remote_dir, "")
+            if not files:
                 raise TransferError(
                     self.facility.name,
                     f"remote folder {self.remote_dir} holds no files",
                     path=self.remote_dir,
                 )
+            if self.budget is not None:  # before anything is written here
+                check_listing(
+                    self.budget, [(f.relative, f.size) for f in files], facility=self.facility.name
+                )
+            self.files = files
             self.report.bytes_total = sum(f.size for f in self.files)
         todo = [f for f in self.files if f.relative not in self.report.files]
         for folder in sorted({self.final_path(f).parent for f in todo}):
@@ -88,7 +102,11 @@ class PullRun(TransferRun):
         self, session: FacilitySession, folder: str, prefix: str
     ) -> list[RemoteFile]:
         with session.translate("list", folder):
-            entries = await session.sftp.readdir(folder)
+            entries = []
+            async for entry in session.sftp.scandir(folder):
+                if str(entry.filename) not in (".", ".."):
+                    self._count_entry(folder)
+                entries.append(entry)
         files: list[RemoteFile] = []
         for entry in sorted(entries, key=lambda e: str(e.filename)):
             name = str(entry.filename)
@@ -127,6 +145,18 @@ class PullRun(TransferRun):
             else:
                 raise TransferError(self.facility.name, f"{path} is not a regular file", path=path)
         return files
+
+    def _count_entry(self, folder: str) -> None:
+        """Stops listing a folder that holds more than the budget allows (a facility may list
+        millions of names): each entry but ``.`` and ``..`` counts."""
+        self._listed += 1
+        if self.budget is not None and self._listed > self.budget.max_files:
+            raise PullRefused(
+                self.facility.name,
+                f"the remote folder {self.remote_dir} holds more than the {self.budget.max_files} "
+                "files the pull allows (max_files; listing stopped)",
+                file=None, limit=self.budget.max_files, path=folder,
+            )  # fmt: skip
 
     async def inspect(self, session: FacilitySession, item: RemoteFile) -> bool:
         """Whether the local folder already holds this file with the same sha256."""

@@ -20,7 +20,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from xffl_airflow.hooks.slurm import SlurmHook
 from xffl_airflow.hooks.slurm_poller import JobUpdate, poller_for
 from xffl_airflow.slurm import validation as v
-from xffl_airflow.slurm.commands import login_environment
+from xffl_airflow.slurm.login import FacilityLogin
 from xffl_airflow.slurm.report import job_report
 from xffl_airflow.slurm.script import end_record_path
 from xffl_airflow.slurm.states import Phase, SlurmJob
@@ -75,8 +75,11 @@ class SlurmJobTrigger(BaseTrigger):
     :param cancel_on_kill: ``scancel`` the job when a user kills the deferred task.
     :param lost_after: seconds a job may stay unknown to squeue, sacct and scontrol before the
         trigger reports an error.
-    :param login_preamble: shell lines run before every Slurm command at the facility.
-    :param slurm_bin: the absolute folder of the facility's Slurm commands.
+    :param login: the facility's login environment, ``FacilityLogin.to_dict()`` (JSON-safe:
+        a trigger's state is its constructor's arguments); validated again when rebuilt.
+    :param login_preamble: (read only from trigger rows of earlier versions) the login
+        environment's shell lines; ``login`` replaces it.
+    :param slurm_bin: (read only from trigger rows of earlier versions); ``login`` replaces it.
     """
 
     def __init__(
@@ -92,6 +95,7 @@ class SlurmJobTrigger(BaseTrigger):
         timeout_at: str | None = None,
         cancel_on_kill: bool = False,
         lost_after: float = DEFAULT_LOST_AFTER,
+        login: dict[str, Any] | None = None,
         login_preamble: list[str] | None = None,
         slurm_bin: str | None = None,
     ):
@@ -108,9 +112,9 @@ class SlurmJobTrigger(BaseTrigger):
         self.timeout_at = timeout_at
         self.cancel_on_kill = bool(cancel_on_kill)
         self.lost_after = float(lost_after)
-        self._login = login_environment(login_preamble, slurm_bin)
-        self.login_preamble = list(self._login.preamble)
-        self.slurm_bin = self._login.slurm_bin
+        if login is None and (login_preamble or slurm_bin):  # a row serialized by an earlier version
+            login = {"preamble": list(login_preamble or ()), "slurm_bin": slurm_bin}
+        self._login = FacilityLogin.from_dict(login)
         self._deadline = _monotonic_deadline(timeout_at)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
@@ -127,8 +131,7 @@ class SlurmJobTrigger(BaseTrigger):
                 "timeout_at": self.timeout_at,
                 "cancel_on_kill": self.cancel_on_kill,
                 "lost_after": self.lost_after,
-                "login_preamble": self.login_preamble,
-                "slurm_bin": self.slurm_bin,
+                "login": self._login.to_dict(),
             },
         )
 
@@ -244,8 +247,7 @@ class SlurmJobTrigger(BaseTrigger):
         if not self.cancel_on_kill:
             return
         self.log.info("Cancelling Slurm job %s on %s", self.job_id, self.ssh_conn_id)
-        async with SlurmHook(ssh_conn_id=self.ssh_conn_id, login_preamble=self.login_preamble,
-                             slurm_bin=self.slurm_bin) as hook:  # fmt: skip
+        async with SlurmHook(ssh_conn_id=self.ssh_conn_id, login=self._login) as hook:
             async with asyncio.timeout(CANCEL_TIMEOUT):
                 await hook.acancel(self.job_id)
 

@@ -52,8 +52,27 @@ def _page(request: Request, dag: campaigns.FederationDag, name: str, highlight: 
         highlight_round=highlight,
         campaigns=[(other, campaign_path(dag.dag_id, other)) for other in campaigns.campaigns_of(dag)],
         files_link=f"{request.url.path}?files=1",
+        release_html=_release_html(dag, name, folder),
     )
     return HTMLResponse(page, headers=HEADERS)
+
+
+def _release_html(dag: campaigns.FederationDag, name: str, folder) -> str:
+    """The campaign's release decision and the federation's releases (when the config has a
+    ``release`` section)."""
+    from xffl_airflow.federation.config import ConfigError, load_config
+    from xffl_airflow.ui.releases_view import federation_releases, release_block
+    from xffl_tasks.manifest import read_manifest
+
+    try:
+        config = load_config(dag.config_path)
+    except ConfigError:
+        return ""
+    if config.release is None:
+        return ""
+    return release_block(name, read_manifest(folder / "release" / "selection.json"),
+                         federation_releases(config.releases_root, config.campaign),
+                         approval=read_manifest(folder / "release" / "approval.json"))  # fmt: skip
 
 
 def _not_found(error: campaigns.NotFound) -> HTMLResponse:

@@ -27,12 +27,21 @@ TIMING_PARTS = (
 AGGREGATION_COLOUR = "#fd8d3c"
 
 
+#: Values beyond this are not shown (a manifest of an older version may hold any number; the
+#: charts' scales could not draw it): "-" instead.
+MAX_SHOWN = 1e12
+
+
 def number(value: Any) -> float | None:
-    """A finite float, or None for anything else (missing, text, NaN, booleans)."""
+    """A finite float within ``MAX_SHOWN``, or None for anything else (missing, text, NaN,
+    booleans, a loss of 1e308)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and abs(value) <= MAX_SHOWN else None
 
 
 def fmt(value: Any, spec: str = "{:.2f}") -> str:
@@ -269,6 +278,7 @@ tr.highlight td { outline: 2px solid #f0ad4e; }
 .verification.ok { background: #dff0d8; color: #1d5e20; } .verification.fail { background: #f2dede; color: #8a1f1f; }
 .charts { display: flex; flex-wrap: wrap; gap: 16px; } .muted { color: #777; }
 ul.problems { margin: 4px 0; } nav a { margin-right: 10px; }
+.warn { background: #fcf8e3; color: #6b4e0f; padding: 6px 10px; border-radius: 4px; margin: 4px 0; }
 """
 
 FACILITY_COLUMNS = (
@@ -287,6 +297,7 @@ FACILITY_COLUMNS = (
     ("pull_s", "pull s", "{:.2f}"),
     ("pull_mbps", "pull MB/s", "{:.1f}"),
     ("aggregation_s", "aggregation s", "{:.2f}"),
+    ("epsilon", "ε spent", "{:.3f}"),
     ("reason", "left out because", None),
 )
 
@@ -365,6 +376,15 @@ def lineage_line(manifests: Sequence[dict[str, Any]], campaigns: Sequence[tuple[
             f' <span class="muted">(manifest sha256 {sha}…)</span></p>')  # fmt: skip
 
 
+def warnings_block(manifests: Sequence[dict[str, Any]]) -> str:
+    """What the latest round's config left open to a hostile facility (its manifest's ``warnings``)."""
+    warnings = manifests[-1].get("warnings") if manifests else None
+    if not isinstance(warnings, list) or not warnings:
+        return ""
+    items = "".join(f"<li>{_e(str(w)[:1000])}</li>" for w in warnings[:20])
+    return f'<div id="warnings" class="warn"><strong>warning</strong><ul>{items}</ul></div>'
+
+
 def render_page(
     *,
     dag_id: str,
@@ -375,6 +395,7 @@ def render_page(
     highlight_round: int | None = None,
     campaigns: Sequence[tuple[str, str]] = (),
     files_link: str | None = None,
+    release_html: str = "",
 ) -> str:
     """The whole page. ``campaigns`` are (name, link) of this DAG's other campaigns."""
     rows = facility_rows(manifests)
@@ -399,6 +420,7 @@ def render_page(
 <h1 id="title">campaign <span id="campaign">{_e(campaign)}</span> <span class="muted">(DAG {_e(dag_id)})</span></h1>
 {nav}
 <p id="state">{_e(state)}</p>
+{warnings_block(manifests)}
 {lineage_line(manifests, campaigns)}
 {verification_block(problems, rounds=len(summaries), files_checked=files_checked, files_link=files_link)}
 <h2>charts</h2>
@@ -407,6 +429,7 @@ def render_page(
 {rounds_table(summaries, highlight_round=highlight_round)}
 <h2>per round and facility</h2>
 {facility_table(rows, highlight_round=highlight_round)}
+{release_html}
 <p class="muted">Read-only, from the round manifests under the campaign folder; the check is
 <code>python -m xffl_tasks.verify</code>{" --no-files" if not files_checked else ""}.</p>
 </body></html>

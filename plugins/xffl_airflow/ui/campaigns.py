@@ -8,40 +8,22 @@ DAG the request is authorized for. Anything else is "not found", never a path ou
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xffl_airflow.federation.layout import parse_run_id
-from xffl_tasks.manifest import MANIFEST, round_dirs
+from xffl_airflow.federation.names import CAMPAIGN_RE, FederationDag, parse_run_id
+from xffl_airflow.federation.rounds.campaigns import campaign_owner
+from xffl_tasks.manifest import MANIFEST, read_manifest, round_dirs
 
-CAMPAIGN = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 CONFIG_ENV = "XFFL_FEDERATION_CONFIG"
 log = logging.getLogger(__name__)
 
 
 class NotFound(LookupError):
     """No such DAG, campaign or round the view may show; the message says which."""
-
-
-@dataclass(frozen=True)
-class FederationDag:
-    """A federation DAG this deployment knows, from its config file."""
-
-    dag_id: str
-    campaign: str
-    storage: Path
-    config_path: str
-
-
-def dag_id_of(campaign: str) -> str:
-    """The federation DAG's id for a config's campaign (as ``build_federation_dag`` names it)."""
-    return f"xffl_{campaign.replace('-', '_')}"
 
 
 def known_dags(environ: Mapping[str, str] | None = None) -> dict[str, FederationDag]:
@@ -58,7 +40,7 @@ def known_dags(environ: Mapping[str, str] | None = None) -> dict[str, Federation
         except ConfigError as error:
             log.warning("campaign view: %s", error)
             continue
-        dag = FederationDag(dag_id_of(config.campaign), config.campaign, Path(config.storage), path)
+        dag = FederationDag.of(config, path)
         found.setdefault(dag.dag_id, dag)
     return found
 
@@ -74,11 +56,8 @@ def read_manifests(campaign_dir: Path) -> list[dict[str, Any]]:
     """The round manifests that parse, in round order; the others are left to the verification."""
     manifests = []
     for number, folder in round_dirs(campaign_dir):
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except (OSError, UnicodeDecodeError, ValueError):
-            continue
-        if not isinstance(manifest, dict) or manifest.get("round") != number:
+        manifest = read_manifest(folder / MANIFEST)
+        if manifest is None or manifest.get("round") != number:
             continue
         facilities = manifest.get("facilities")
         if not isinstance(facilities, dict) or not all(isinstance(f, dict) for f in facilities.values()):
@@ -87,23 +66,17 @@ def read_manifests(campaign_dir: Path) -> list[dict[str, Any]]:
     return manifests
 
 
-def _recorded_dag(campaign_dir: Path) -> str | None:
-    for manifest in read_manifests(campaign_dir):
-        if isinstance(manifest.get("dag_id"), str):
-            return manifest["dag_id"]
-    return None
-
-
 def campaign_dir(dag: FederationDag, name: str) -> Path:
     """``<storage>/<name>``, checked: a valid name, a folder right in the storage, and one that
-    belongs to ``dag`` (its manifests say so; the config's own campaign may have none yet)."""
-    if not isinstance(name, str) or not CAMPAIGN.fullmatch(name):
+    belongs to ``dag`` (its owner record or manifests say so; the config's own campaign may have
+    none yet)."""
+    if not isinstance(name, str) or not CAMPAIGN_RE.fullmatch(name):
         raise NotFound(f"{name!r} is not a campaign name")
     storage = dag.storage.resolve()
     folder = (storage / name).resolve()
     if folder.parent != storage or not folder.is_dir():
         raise NotFound(f"no campaign {name} in the storage of {dag.dag_id}")
-    recorded = _recorded_dag(folder)
+    recorded = campaign_owner(folder)
     if recorded != dag.dag_id and not (recorded is None and name == dag.campaign):
         raise NotFound(f"campaign {name} is not a campaign of {dag.dag_id}")
     return folder

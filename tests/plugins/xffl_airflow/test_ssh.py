@@ -70,9 +70,6 @@ def test_missing_login_is_named():
 def test_a_missing_airflow_connection_is_named(airflow_db):
     with pytest.raises(FacilityConnectionError, match="'facility_nowhere': not found"):
         get_target("facility_nowhere")
-
-
-@pytest.mark.slurm
 def test_connect_checks_the_pinned_host_key(testbed, monkeypatch):
     site1, site2 = testbed.facilities
     monkeypatch.setenv(f"AIRFLOW_CONN_{site1.conn_id.upper()}", json.dumps(site1.connection))
@@ -88,9 +85,6 @@ def test_connect_checks_the_pinned_host_key(testbed, monkeypatch):
     with pytest.raises(FacilityConnectionError, match="does not match the pinned key") as caught:
         asyncio.run(whoami(get_target(site1.conn_id)))
     assert caught.value.retryable is False
-
-
-@pytest.mark.slurm
 def test_unreachable_host_is_retryable(testbed):
     site1 = testbed.facilities[0]
     target = target_from_connection(

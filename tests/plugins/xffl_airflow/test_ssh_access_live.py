@@ -26,8 +26,6 @@ from xffl_airflow.transfer import RemoteFacility, TransferError, pull, push
 
 from tests.plugins.xffl_airflow.hooks.slurm_support import wait_until
 
-pytestmark = pytest.mark.slurm
-
 CERT_CONN = "facility_certsite_cert"
 PLAIN_CONN = "facility_certsite_plain"
 JUMP_CONN = "facility_certsite_jump"
@@ -36,7 +34,7 @@ SCRIPT = "#!/bin/bash\n#SBATCH --comment=xffl/ssh_access_tests/r/t/-1\n#SBATCH -
 
 
 @pytest.fixture(scope="module")
-def bed():
+def bed(starts_facilities):
     from xffl_testbed.facilities import Testbed
 
     if os.geteuid() != 0:

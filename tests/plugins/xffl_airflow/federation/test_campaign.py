@@ -30,7 +30,7 @@ from xffl_testbed.campaign import (
     write_config,
 )
 
-pytestmark = [pytest.mark.slurm, pytest.mark.airflow_live, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 FAIL_ONCE = (
     'if [ -e "$HOME/fail-once" ]; then rm -f "$HOME/fail-once"; '

@@ -18,7 +18,7 @@ import pytest
 from tests.plugins.xffl_airflow.federation.campaign_support import run_campaign
 from xffl_testbed.campaign import wait_for_campaign
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slurm, pytest.mark.airflow_live, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def test_three_round_campaign_on_postgres_resumes_after_a_database_outage(

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 from xffl_airflow.federation.config import (
-    STRATEGIES,
     ConfigError,
     config_sha256,
     load_config,
     merge,
     parse_config,
 )
+from xffl_airflow.federation.config_sections import STRATEGIES
 
 EXAMPLES = Path(__file__).resolve().parents[4] / "plugins" / "xffl_airflow" / "federation" / "examples"
 BASE = {
@@ -176,3 +176,28 @@ def test_strategies_match_the_aggregation_engine():
     from xffl_tasks.aggregate import STRATEGIES as ENGINE
 
     assert set(STRATEGIES) == set(ENGINE)
+
+
+def test_a_config_that_bounds_no_facilitys_claim_says_so():
+    [warning] = parse_config(BASE).warnings
+    assert "no bound on the weight a facility can claim: italy, czechia may report any num_samples" in warning
+    bounded = {**BASE, "facilities": [{**f, "max_samples": 1000} for f in BASE["facilities"]]}
+    assert parse_config(bounded).warnings == []
+    assert parse_config({**BASE, "aggregation": {"max_weight_share": 0.6}}).warnings == []
+    half = {**BASE, "facilities": [{**BASE["facilities"][0], "max_samples": 10}, BASE["facilities"][1]]}
+    assert "czechia may report" in parse_config(half).warnings[0] and "italy" not in parse_config(half).warnings[0]
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "local-lora.yaml", "local-dp.yaml", "hpc.yaml"])
+def test_the_shipped_examples_bound_every_facilitys_claim(name, monkeypatch):
+    for variable in ("STORAGE", "BASE_MODEL", "ITALY_WORKDIR", "ITALY_DATA", "CZECHIA_WORKDIR", "CZECHIA_DATA",
+                     "FACILITY_PYTHON"):  # fmt: skip
+        monkeypatch.setenv(f"XFFL_{variable}", f"/srv/{variable.lower()}")
+    assert load_config(EXAMPLES / name).warnings == []
+    assert all(f.max_samples for f in load_config(EXAMPLES / name).facilities)
+
+
+def test_a_claim_bound_is_a_whole_number_in_range():
+    for bad, message in ((0, "greater than or equal to 1"), (10**13, "less than or equal to 1000000000000")):
+        with pytest.raises(ConfigError, match=f"facilities\\[0\\].max_samples: Input should be {message}"):
+            parse_config({**BASE, "facilities": [{**BASE["facilities"][0], "max_samples": bad}]})

@@ -13,8 +13,9 @@ from airflow.sdk.exceptions import AirflowFailException
 from xffl_airflow.federation.config import ConfigError, load_config
 from xffl_airflow.federation.connections import ConnectionsUnavailable, connection_problems
 from xffl_airflow.federation.dag import LOCAL_RETRIES, _refusals_fail_at_once, build_federation_dag
-from xffl_airflow.federation.knobs import RunConfError
-from xffl_airflow.federation.rounds import RoundError, prepare_round
+from xffl_airflow.federation.errors import RoundError, RunConfError
+from xffl_airflow.federation.names import FederationDag
+from xffl_airflow.federation.rounds.prepare import prepare_round
 
 CONFIG = {
     "campaign": "wiring",
@@ -139,8 +140,8 @@ def prepare(config_path, connections, tmp_path):
 
     def run(run_conf):
         return prepare_round(
-            config_path=config_path, dag_id="xffl_wiring", dag_facilities=["italy", "czechia"],
-            run_conf=run_conf, run_type="manual",
+            dag=FederationDag.of(load_config(config_path), config_path), dag_facilities=["italy", "czechia"],
+            run_conf=run_conf, run_type="manual", run="manual__1",
         )  # fmt: skip
 
     return run, storage

@@ -20,7 +20,7 @@ import pytest
 from tests.plugins.xffl_airflow.federation.campaign_support import run_campaign
 from xffl_testbed.campaign import wait_for_campaign
 
-pytestmark = [pytest.mark.slurm, pytest.mark.airflow_live, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def xcom(airflow, dag_id: str, run_id: str, task_id: str):

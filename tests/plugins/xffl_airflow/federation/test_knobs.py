@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import pytest
 from xffl_airflow.federation.config import parse_config
-from xffl_airflow.federation.knobs import (
-    CATALOGUE,
-    DEFAULT_OVERRIDABLE,
-    RunConfError,
-    accept_run_conf,
-    check_campaign,
-)
+from xffl_airflow.federation.errors import RunConfError
+from xffl_airflow.federation.knobs import CATALOGUE, DEFAULT_OVERRIDABLE, accept_run_conf
+from xffl_airflow.federation.names import check_campaign
 
 BASE = {
     "campaign": "demo",

@@ -20,7 +20,7 @@ import pytest
 from tests.plugins.xffl_airflow.federation.campaign_support import run_campaign
 from xffl_testbed.campaign import wait_for_campaign
 
-pytestmark = [pytest.mark.slurm, pytest.mark.airflow_live, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 NOISY_BASHRC = (
     "echo '*** Welcome to login01 ***'\n"

@@ -43,7 +43,7 @@ from xffl_testbed.campaign import (
     write_config,
 )
 
-pytestmark = [pytest.mark.slurm, pytest.mark.airflow_live, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 CAMPAIGN = "realsite"
 DAG_ID = f"xffl_{CAMPAIGN}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from xffl_airflow.federation.report import campaign_rows, render_table, write_report
 
 from xffl_tasks.manifest import write_manifest
@@ -69,3 +71,21 @@ def test_the_table_alone_and_the_command_line(tmp_path, capsys):
     assert png is None and not (campaign / "report.png").exists() and "italy" in text
     assert main([str(campaign)]) == 0
     assert (campaign / "report.png").is_file() and "loss before" in capsys.readouterr().out
+
+
+def test_neither_the_table_nor_the_plot_fails_on_extreme_stored_values(tmp_path):
+    from xffl_airflow.federation.report import write_report
+    from xffl_airflow.ui.campaign_view import render_page
+
+    from xffl_tasks.manifest import write_manifest
+
+    folder = tmp_path / "c" / "round-0000"
+    folder.mkdir(parents=True)
+    manifest = {"campaign": "c", "round": 0, "weighted_val_loss": 1e308, "decision": {"stop": True},
+                "facilities": {"f1": {"status": "ok", "metrics": {"val_loss_before": -1e308, "num_samples": 10**30}}}}
+    write_manifest(folder, manifest, None)
+    table, _, png = write_report(tmp_path / "c")
+    assert png.is_file() and "1e+308" not in table
+    page = render_page(dag_id="d", campaign="c", manifests=[json.loads((folder / "manifest.json").read_text())],
+                       problems=[])  # fmt: skip
+    assert 'data-round="0"' in page

@@ -18,9 +18,10 @@ from types import SimpleNamespace
 
 import asyncssh
 import pytest
-from xffl_airflow.hooks import slurm as slurm_hook
+from xffl_airflow.hooks import slurm_client as slurm_hook
 from xffl_airflow.hooks.slurm import SlurmClient, SlurmCommandError, SlurmSubmitUnknown
-from xffl_airflow.slurm.commands import LogRead, login_environment
+from xffl_airflow.slurm.commands import LogRead
+from xffl_airflow.slurm.login import FacilityLogin
 
 from tests.plugins.xffl_airflow.hooks.fake_shell import answer, inner, unwrap
 
@@ -43,7 +44,7 @@ class Literal:
 
 
 def client(connection, conn_id: str = "noisy", **login) -> SlurmClient:
-    return SlurmClient(conn_id, connection, login=login_environment(**login) if login else None)
+    return SlurmClient(conn_id, connection, login=FacilityLogin.of(login.get("login_preamble"), login.get("slurm_bin")) if login else None)
 
 
 @pytest.mark.parametrize(

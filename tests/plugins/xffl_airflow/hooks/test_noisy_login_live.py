@@ -18,6 +18,7 @@ import pytest
 from xffl_airflow.hooks.slurm import SlurmHook
 from xffl_airflow.operators.slurm import SlurmOperator
 from xffl_airflow.operators.slurm_results import SlurmJobError, SlurmJobFailed
+from xffl_airflow.slurm.login import FacilityLogin
 
 from tests.plugins.xffl_airflow.hooks.slurm_support import (
     MemoryStateStore,
@@ -27,8 +28,6 @@ from tests.plugins.xffl_airflow.hooks.slurm_support import (
     task_context,
     wait_until,
 )
-
-pytestmark = pytest.mark.slurm
 
 DAG_ID = "noisy_login_tests"
 
@@ -108,7 +107,7 @@ def module_bashrc(site) -> str:
 def test_a_facility_that_needs_module_load_works_with_its_login_preamble(site, bashrc, request):
     bashrc(module_bashrc(site))
     assert "SLURM_CONF" not in site.ssh("env").stdout  # Slurm is not reachable without it
-    op = operator("modules", site, "echo trained", login_preamble=["module load slurm"])
+    op = operator("modules", site, "echo trained", login=FacilityLogin.of(["module load slurm"]))
     report = run_task(op, context("modules", request), timeout=120)
     assert (report["state"], report["exit_code"]) == ("COMPLETED", "0:0")
     assert Path(report["log_path"]).read_text() == "trained\n"
@@ -131,7 +130,7 @@ def test_a_garbled_sbatch_answer_is_looked_up_by_its_tag_not_resubmitted(site, b
     (wrapper / "sbatch").chmod(0o755)
     store = MemoryStateStore()
     ctx = context("garbled", request, store)
-    op = operator("garbled", site, "echo once", slurm_bin=str(wrapper))
+    op = operator("garbled", site, "echo once", login=FacilityLogin.of(slurm_bin=str(wrapper)))
     report = run_task(op, ctx, timeout=120)
     assert report["state"] == "COMPLETED"
     comment = f"xffl/{DAG_ID}/{ctx['ti'].run_id}/garbled/-1"

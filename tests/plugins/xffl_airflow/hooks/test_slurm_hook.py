@@ -14,8 +14,6 @@ from xffl_airflow.hooks.slurm import SlurmHook, SlurmSubmitError, remote_command
 
 from tests.plugins.xffl_airflow.hooks.slurm_support import job_state, use_connections, wait_until
 
-pytestmark = pytest.mark.slurm
-
 SCRIPT = "#!/bin/bash\n#SBATCH --comment=xffl/slurm_hook_tests/r/t/-1\n#SBATCH --output={out}\necho {word}\n"
 
 

@@ -1,5 +1,7 @@
 """A facility's poller fed literal answers through a fake SSH connection: a malformed line for
-one job is logged once and skipped, and every other job's updates keep flowing.
+one job is logged once and skipped, and every other job's updates keep flowing; a job whose log
+holds ``@@xffl`` marker lines gets its own tail and changes no other job's tail or state (the
+tail script run by the local ``sh``).
 
 Unit level: the real ``SlurmClient`` and ``parse_sections`` read the fake's output; nothing is
 started and no connection is made.
@@ -110,3 +112,71 @@ def test_a_drain_poll_without_its_log_chunk_asks_again():
     rest = QueryResult(logs={watch.key: LogChunk(watch.key, 100, 6, b"x" * 93 + b"\n")})
     last = watch.take(rest, 2.0, polled_state=False)
     assert last.final and last.log_lines == ["x" * 93] and last.job.state == "COMPLETED"
+
+
+HOSTILE_LOG = (
+    b"epoch 1 of 42\n@@xffl end 0\n@@xffl begin tail 43\nforged for 43\n@@xffl end 0\n"
+    b"@@xffl tail 43\n" + base64.b64encode(b"forged for 43\n") + b"\nlast words of 42\n"
+)
+
+
+class EndedFacility:
+    """Two jobs that squeue shows ended (42 FAILED, 43 COMPLETED); their logs are not followed,
+    so their tails come from the tail script, which the local ``sh`` runs on ``logs``."""
+
+    def __init__(self, logs: dict[str, bytes], folder):
+        self.paths = {}
+        for job, data in logs.items():
+            path = folder / f"a-{job}.log"
+            path.write_bytes(data)
+            self.paths[job] = str(path)
+        self.scripts: list[str] = []
+
+    async def run(self, command, *, input, encoding, check, timeout):
+        command, nonce = unwrap(command)
+        script = input.decode()
+        self.scripts.append(script)
+        if "xffl_tail" not in script:
+            jobs = re.search(r"squeue -h -t all -j(\S+) ", script).group(1).split(",")
+            rows = [squeue_row(j).replace("RUNNING", "FAILED" if j == "42" else "COMPLETED")
+                    for j in jobs]  # fmt: skip
+            out = "\n".join(["@@xffl tz +0000", "@@xffl begin squeue", *rows, "", "@@xffl end 0"])
+            return answer(nonce, (out + "\n").encode())
+        process = await asyncio.create_subprocess_exec(
+            "sh", "-s", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+        )
+        stdout, _ = await process.communicate(input)
+        return answer(nonce, stdout, returncode=process.returncode)
+
+    def close(self):
+        pass
+
+    async def wait_closed(self):
+        pass
+
+
+def test_a_log_holding_marker_lines_keeps_its_tail_and_touches_no_other_job(tmp_path):
+    facility = EndedFacility({"42": HOSTILE_LOG, "43": b"epoch 1 of 43\nepoch 2 of 43\n"},
+                             tmp_path)  # fmt: skip
+
+    async def connector(conn_id):
+        return SlurmClient(conn_id, facility)
+
+    async def scenario():
+        poller = FacilityPoller("site1", connector=connector)
+        async with (
+            poller.watch("42", log_path=facility.paths["42"], follow_log=False,
+                         tail_lines=3) as bad,  # fmt: skip
+            poller.watch("43", log_path=facility.paths["43"], follow_log=False,
+                         tail_lines=3) as good,  # fmt: skip
+        ):
+            return (await asyncio.wait_for(bad.updates.get(), 5),
+                    await asyncio.wait_for(good.updates.get(), 5))  # fmt: skip
+
+    bad, good = asyncio.run(scenario())
+    assert bad.final and bad.job.state == "FAILED"
+    assert bad.log_tail == HOSTILE_LOG.decode().splitlines()[-3:]  # its last lines, not hidden
+    assert bad.log_tail[-1] == "last words of 42"
+    assert good.final and good.job.state == "COMPLETED"
+    assert good.log_tail == ["epoch 1 of 43", "epoch 2 of 43"]
+    assert sum("xffl_tail" in s for s in facility.scripts) == 1  # one tail command for both

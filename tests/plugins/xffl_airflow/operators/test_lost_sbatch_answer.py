@@ -11,6 +11,8 @@ from airflow.sdk.exceptions import TaskDeferred
 from xffl_airflow.hooks.slurm import QueryResult, SlurmSubmitUnknown
 from xffl_airflow.operators.slurm import STATE_KEY, SlurmOperator
 from xffl_airflow.operators.slurm_results import SlurmConfigError, SlurmJobError
+from xffl_airflow.slurm.errors import SlurmInputError
+from xffl_airflow.slurm.login import FacilityLogin
 from xffl_airflow.slurm.states import SlurmJob
 
 from tests.plugins.xffl_airflow.hooks.slurm_support import MemoryStateStore, task_context
@@ -54,8 +56,7 @@ class FakeHook:
 
 def run(hook: FakeHook, store: MemoryStateStore, monkeypatch):
     op = SlurmOperator(task_id="train", ssh_conn_id="site1", command="true", remote_workdir="w",
-                       job_name="lost.train", login_preamble=["module load slurm"],
-                       slurm_bin="/opt/slurm/bin")  # fmt: skip
+                       job_name="lost.train", login=FacilityLogin.of(["module load slurm"], "/opt/slurm/bin"))  # fmt: skip
     monkeypatch.setattr(op, "_hook", lambda: hook)
     context = task_context("train", dag_id="lost", run_id="manual__1", store=store)
     with pytest.raises(TaskDeferred) as deferred:
@@ -70,8 +71,7 @@ def test_a_garbled_answer_finds_the_job_by_its_tag_and_never_resubmits(monkeypat
     trigger = run(hook, store, monkeypatch)
     assert hook.sbatches == 1 and trigger.job_id == "101"  # the new one, not the failed 90
     assert store.get(STATE_KEY)["job_id"] == "101"
-    assert trigger.serialize()[1]["login_preamble"] == ["module load slurm"]
-    assert trigger.serialize()[1]["slurm_bin"] == "/opt/slurm/bin"
+    assert trigger.serialize()[1]["login"] == {"preamble": ["module load slurm"], "slurm_bin": "/opt/slurm/bin"}
 
 
 def test_a_lost_answer_with_no_job_found_fails_the_try_and_the_retry_looks_again(monkeypatch):
@@ -107,10 +107,16 @@ def test_a_retry_submits_when_the_lost_answer_had_submitted_nothing(monkeypatch)
         ({"slurm_bin": "/opt/$(x)/bin"}, "slurm_bin: '/opt/$(x)/bin' is not a safe remote path"),
     ],
 )
-def test_a_bad_login_environment_is_refused_at_parse_time(login, words):
-    with pytest.raises(SlurmConfigError, match=words.replace("[", r"\[").replace("$", r"\$")
+def test_a_bad_login_environment_is_refused_when_it_is_made(login, words):
+    with pytest.raises(SlurmInputError, match=words.replace("[", r"\[").replace("$", r"\$")
                        .replace("(", r"\(").replace(")", r"\)")):  # fmt: skip
-        SlurmOperator(task_id="t", ssh_conn_id="site1", command="true", remote_workdir="w", **login)
+        FacilityLogin.of(login.get("login_preamble"), login.get("slurm_bin"))
+
+
+def test_the_operator_takes_only_a_made_login_environment():
+    with pytest.raises(SlurmConfigError, match="login must be a FacilityLogin, got dict"):
+        SlurmOperator(task_id="t", ssh_conn_id="site1", command="true", remote_workdir="w",
+                      login={"preamble": ["module load slurm"]})  # fmt: skip
 
 
 def test_a_cluster_sbatch_did_not_name_is_left_out_then_filled_in_at_the_end(monkeypatch):

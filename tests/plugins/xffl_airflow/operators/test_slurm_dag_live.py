@@ -20,7 +20,7 @@ from xffl_airflow.slurm.report import REPORT_KEYS
 
 from tests.plugins.xffl_airflow.hooks.slurm_support import tagged_jobs, wait_until
 
-pytestmark = [pytest.mark.airflow_live, pytest.mark.slurm, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 DAG_FILE = Path(__file__).parent / "dags" / "xffl_slurm_live.py"
 DAG_ID = "xffl_slurm_live"

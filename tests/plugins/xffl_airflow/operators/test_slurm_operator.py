@@ -43,8 +43,6 @@ from tests.plugins.xffl_airflow.hooks.slurm_support import (
     wait_until,
 )
 
-pytestmark = pytest.mark.slurm
-
 DAG_ID = "slurm_tests"
 
 

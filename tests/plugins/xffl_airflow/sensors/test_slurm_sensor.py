@@ -23,7 +23,6 @@ from tests.plugins.xffl_airflow.hooks.slurm_support import (
     wait_until,
 )
 
-pytestmark = pytest.mark.slurm
 COMMENT = "xffl/slurm_sensor_tests/run/t/-1"
 
 

@@ -95,7 +95,8 @@ def test_workdir_find_cancel_and_tail_commands():
         "squeue -h -t all --me -n xffl.train" in find and "--name=xffl.train -S now-7days" in find
     )
     tail = commands.build_tail_script([("5", "/w/a-5.log")], 20)
-    assert "tail -n 20 -- /w/a-5.log | tail -c 65536" in tail and sh_syntax_ok(tail)
+    assert "xffl_tail 5 20 /w/a-5.log\n" in tail and sh_syntax_ok(tail)
+    assert '{ tail -n "$2" -- "$3" | tail -c 65536; } 2>/dev/null | base64 -w 0' in tail
 
 
 def test_task_tag_round_trips_and_refuses_unsafe_ids():

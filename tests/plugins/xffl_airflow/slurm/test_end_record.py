@@ -21,7 +21,8 @@ from xffl_airflow.hooks.slurm import SlurmClient
 from xffl_airflow.hooks.slurm_poller import FacilityPoller
 from xffl_airflow.slurm import SbatchOptions, render_batch_script
 from xffl_airflow.slurm.commands import build_resolve_script
-from xffl_airflow.slurm.parsing import Section, end_record_answer, parse_end_record
+from xffl_airflow.slurm.end_records import end_record_answer, parse_end_record
+from xffl_airflow.slurm.parsing import Section
 from xffl_airflow.slurm.script import end_record_path, time_limit_seconds
 from xffl_airflow.triggers import slurm as trigger_module
 

@@ -30,8 +30,6 @@ from xffl_airflow.transfer.errors import RetryableFailure
 from xffl_airflow.transfer.options import TransferOptions
 from xffl_airflow.transfer.session import FacilitySession
 
-pytestmark = pytest.mark.slurm
-
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 MIB = 1 << 20
 
@@ -66,7 +64,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sftp_server_bed():
+def sftp_server_bed(starts_facilities):
     """One more facility whose sshd runs OpenSSH's sftp-server through the user's shell."""
     from xffl_testbed.facilities import SCRIPTS, Testbed
 

@@ -61,11 +61,15 @@ class ListingOnly:
     """A facility session that can list folders and nothing else: the pull must stop there."""
 
     def __init__(self, folders: dict[str, list[SimpleNamespace]]):
-        self.sftp = SimpleNamespace(readdir=self.readdir)
+        self.sftp = SimpleNamespace(readdir=self.readdir, scandir=self.scandir)
         self.folders = folders
 
     async def readdir(self, folder: str) -> list[SimpleNamespace]:
         return self.folders[folder]
+
+    async def scandir(self, folder: str):
+        for item in self.folders[folder]:
+            yield item
 
     async def confine(self, path: str) -> str:
         return path

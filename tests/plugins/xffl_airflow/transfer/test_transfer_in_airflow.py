@@ -16,10 +16,6 @@ import tempfile
 import uuid
 from pathlib import Path
 
-import pytest
-
-pytestmark = [pytest.mark.airflow_live, pytest.mark.slurm]
-
 DAG_FILE = Path(__file__).parent / "dags" / "xffl_transfer_roundtrip.py"
 
 

@@ -26,8 +26,6 @@ from pathlib import Path
 import pytest
 from xffl_airflow.transfer import RemoteFacility, TransferError, pull, push
 
-pytestmark = pytest.mark.slurm
-
 MIB = 1 << 20
 
 
@@ -586,3 +584,42 @@ def test_a_vanished_source_file_is_named(site, tmp_path):
     with pytest.raises(TransferError, match=r"cannot (read|hash) .*/r/b.bin: no such file"):
         pull(site.remote, f"{site.name}/r", back, max_files=1, max_mbps=8)
     assert not (back / "b.bin").exists()
+
+
+def test_a_pull_budget_takes_the_trained_model_and_refuses_more_before_writing(
+    site, model_dir, tmp_path
+):
+    """A facility's folder that holds what was pushed comes back within its budget; one that
+    adds an 81 GB file (sparse: its listing announces it) or thousands of files is refused
+    before anything is written here, naming the facility, the file and the limit."""
+    from xffl_airflow.transfer import PullBudget, PullRefused
+
+    budget = PullBudget.for_model(model_dir, adapter=False)
+    push(model_dir, site.remote, f"{site.name}/local")
+    metrics = site.folder / "local" / "metrics.json"
+    metrics.write_text(json.dumps({"num_samples": 10}))
+    site.chown(metrics)
+    back = tmp_path / "back"
+    fetched = pull(site.remote, f"{site.name}/local", back, budget=budget)
+    assert fetched.files == hashes_of(back) and "metrics.json" in fetched.files
+
+    with open(site.folder / "local" / "model.safetensors", "r+b") as f:
+        f.truncate(81 * 10**9)  # sparse: costs the facility no disk
+    refused_dir = tmp_path / "refused"
+    with pytest.raises(PullRefused) as refused:
+        pull(site.remote, f"{site.name}/local", refused_dir, budget=budget)
+    limit = (model_dir / "model.safetensors").stat().st_size + 4 * MIB
+    assert str(refused.value) == (
+        f"facility {site.bed.name}: pull refused before writing anything: file "
+        f"'model.safetensors' announces {81 * 10**9} bytes, more than the {limit} allowed for it "
+        "(model weights)"
+    )
+    assert not refused_dir.exists()
+
+    many = site.make_folder("many")
+    for i in range(2000):
+        (many / f"shard-{i:05d}.bin").touch()
+    subprocess.run(["chown", "-R", f"{site.bed.user}:", str(many)], check=True)
+    with pytest.raises(PullRefused, match=r"holds more than the \d+ files the pull allows"):
+        pull(site.remote, f"{site.name}/many", refused_dir, budget=budget)
+    assert not refused_dir.exists()

@@ -31,11 +31,9 @@ from tests.plugins.xffl_airflow.hooks.slurm_support import (
     wait_until,
 )
 
-pytestmark = pytest.mark.slurm
-
 
 @pytest.fixture(scope="module")
-def purging_facility():
+def purging_facility(starts_facilities):
     from xffl_testbed.facilities import Testbed
 
     bed = Testbed.up(1, names=["agey"], min_job_age=2, python=facility_python())

@@ -73,9 +73,6 @@ def test_serialize_is_exactly_the_constructor_state():
 def test_a_trigger_refuses_an_unsafe_job_id():
     with pytest.raises(ValueError, match="job_id"):
         SlurmJobTrigger(ssh_conn_id="c", job_id="1; touch /tmp/pwned")
-
-
-@pytest.mark.slurm
 def test_exactly_one_event_then_the_trigger_ends(site1):
     job_id, log = submit(site1, "echo one; echo two")
 
@@ -96,9 +93,6 @@ def test_exactly_one_event_then_the_trigger_ends(site1):
         event["message"]
         == f"Slurm job {job_id} on {site1.conn_id}: ended COMPLETED (exit code 0:0)"
     )
-
-
-@pytest.mark.slurm
 def test_rebuilt_from_serialize_mid_job_it_reports_the_right_end(site1):
     job_id, log = submit(site1, "for i in $(seq 1 12); do echo tick $i; sleep 1; done; exit 5")
     trigger = trigger_for(site1, job_id, log)
@@ -122,9 +116,6 @@ def test_rebuilt_from_serialize_mid_job_it_reports_the_right_end(site1):
     assert (event["status"], event["state"], event["exit_code"]) == ("failed", "FAILED", "5:0")
     assert event["log_tail"][-1] == "tick 12"
     assert logs.containing(f"[job {job_id}] tick 12")
-
-
-@pytest.mark.slurm
 def test_sshd_stopped_and_restarted_mid_job(site1):
     job_id, log = submit(site1, "for i in $(seq 1 20); do echo tick $i; sleep 1; done")
     trigger = trigger_for(site1, job_id, log, poll_interval=2)
@@ -149,18 +140,12 @@ def test_sshd_stopped_and_restarted_mid_job(site1):
     assert logs.containing(f"Slurm at {site1.conn_id} answers again")
     ticks = [line.split("] ", 1)[1] for line in logs.containing(f"[job {job_id}] tick")]
     assert ticks == [f"tick {i}" for i in range(1, 21)]  # every line once, none lost over the gap
-
-
-@pytest.mark.slurm
 def test_an_unknown_job_is_never_read_as_failed(site1):
     """A job no source can tell about (here: sacct -c is not readable by the facility user)."""
     soon = (datetime.now(UTC) + timedelta(seconds=6)).isoformat()
     event = asyncio.run(first_event(trigger_for(site1, "987654", timeout_at=soon)))
     assert event["status"] == "timeout" and event["state"] is None
     assert "still in an unknown state" in event["message"]
-
-
-@pytest.mark.slurm
 def test_on_kill_cancels_the_job_when_asked(site1):
     job_id, _ = submit(site1, "sleep 120")
     wait_until(lambda: job_state(site1, job_id) in ("RUNNING", "PENDING"), what="job queued")
@@ -168,9 +153,6 @@ def test_on_kill_cancels_the_job_when_asked(site1):
     assert job_state(site1, job_id) in ("RUNNING", "PENDING")
     asyncio.run(trigger_for(site1, job_id, cancel_on_kill=True).on_kill())
     wait_until(lambda: job_state(site1, job_id) == "CANCELLED", what="job cancelled")
-
-
-@pytest.mark.slurm
 def test_triggers_of_one_facility_share_one_connection_and_one_squeue(site1, monkeypatch):
     """Eight triggers cost what one costs: one SSH connection, one remote command per poll."""
     connections = []
@@ -205,9 +187,6 @@ def test_triggers_of_one_facility_share_one_connection_and_one_squeue(site1, mon
     assert 3 <= one <= 7  # about 1 s apart at first, backing off
     assert eight <= one + 1
     site1.ssh("scancel " + " ".join(held))
-
-
-@pytest.mark.slurm
 def test_a_job_whose_log_lags_is_drained_before_the_end(site1):
     """More log than one poll reads (256 KiB): the final event waits until all of it was shown."""
     job_id, log = submit(site1, "python3 -c \"print('\\n'.join('x' * 99 for _ in range(6000)))\"")

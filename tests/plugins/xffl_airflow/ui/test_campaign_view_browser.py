@@ -4,6 +4,10 @@ api-server.
 
 - The campaign view: opens the federation DAG, follows its "Campaign" tab to the view of a
   finished 2-round campaign run on the local facilities, and checks what a person would see.
+- The release approval: that campaign's config asks a person to approve each release; the
+  browser opens the release run's "Required actions" form, which shows the comparison (the
+  best round, the losses per facility, the bytes moved), and clicks "Reject": nothing is
+  released, the refusal is recorded, and the campaign view says "not released".
 - The trigger form: a first-time user opens a federation DAG, clicks "Trigger", and submits the
   form as it opens (campaign empty, the config's values pre-filled); one run starts, with the
   conf the form sent, and ends in success (round 0 of the config's campaign).
@@ -31,14 +35,16 @@ from xffl_airflow.federation.config import load_config
 from tests.plugins.xffl_airflow.federation.campaign_support import run_campaign, ti_states
 from tests.plugins.xffl_airflow.federation.conftest import corpora, storage, tiny  # noqa: F401
 from tests.plugins.xffl_airflow.hooks.slurm_support import wait_until
+from xffl_testbed.airflow_instance import AirflowError
 from xffl_testbed.campaign import (
     LocalFacility,
     install_federation_dag,
     wait_for_campaign,
+    wait_for_release,
     write_config,
 )
 
-pytestmark = [pytest.mark.slurm, pytest.mark.airflow_live, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -158,9 +164,15 @@ def test_a_person_reads_a_finished_campaign_in_the_ui(
     dag_id = run_campaign(
         airflow, testbed, corpora, tiny, storage, campaign=CAMPAIGN,
         convergence={"max_rounds": 2}, training={"max_steps": 8, "learning_rate": 0.003, "threads": 1, "seed": 0},
+        release={"approval": True},
     )  # fmt: skip
     runs = wait_for_campaign(airflow, dag_id, CAMPAIGN, storage / CAMPAIGN, timeout=900)
     assert [r["state"] for r in runs] == ["success", "success"], runs
+    wait = WebDriverWait(browser, 60)
+    login(browser, wait, airflow)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    reject_the_release_in_the_form(browser, airflow, storage, shots)
     folder = storage / CAMPAIGN
     manifests = [
         json.loads((folder / f"round-{n:04d}" / "manifest.json").read_text()) for n in range(2)
@@ -182,11 +194,6 @@ def test_a_person_reads_a_finished_campaign_in_the_ui(
     assert httpx.get(
         f"{airflow.base_url}/xffl/dags/xffl_nosuch/campaign", headers=bearer, timeout=30
     ).status_code in (403, 404)
-
-    wait = WebDriverWait(browser, 60)
-    login(browser, wait, airflow)
-    shots = tmp_path / "screenshots"
-    shots.mkdir()
 
     # the DAG's page -> its "Campaign" tab
     open_tab_frame(browser, wait, f"{airflow.base_url}/dags/{dag_id}", "xffl-campaign")
@@ -224,6 +231,9 @@ def test_a_person_reads_a_finished_campaign_in_the_ui(
         svg = browser.find_element(By.ID, chart)
         assert svg.size["width"] > 100 and svg.size["height"] > 100
     assert len(browser.find_elements(By.CSS_SELECTOR, "#loss-chart polyline.series")) == 3
+    # the release the person rejected: the best round, and why nothing was released
+    assert browser.find_element(By.ID, "released").text == f"not released (rejected by {airflow.username})"
+    assert browser.find_element(By.ID, "best-round").text in ("0", "1")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#timing-chart rect.bar")) >= 2 * 3
     browser.switch_to.default_content()
     browser.save_screenshot(str(shots / "dag-campaign-tab.png"))
@@ -256,6 +266,43 @@ def test_a_person_reads_a_finished_campaign_in_the_ui(
     browser.save_screenshot(str(shots / "dag-campaign-tab-tampered.png"))
     keep_screenshots(shots, "campaign-view")
     assert all(p.stat().st_size > 5000 for p in shots.iterdir())
+
+
+def reject_the_release_in_the_form(driver, airflow, folder: Path, shots: Path) -> None:
+    """The release run's approval form, as a person sees it; "Reject" clicked: nothing released."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from xffl_airflow.federation.names import release_dag_id, release_run_id
+
+    release_dag, release_run = release_dag_id(CAMPAIGN), release_run_id(CAMPAIGN)
+    hitl = f"dags/{release_dag}/dagRuns/{release_run}/taskInstances/approve/-1/hitlDetails"
+
+    def asked():
+        try:
+            return airflow.api("GET", hitl)
+        except AirflowError as error:
+            if " 404 " not in str(error):
+                raise
+            return None
+
+    detail = wait_until(asked, timeout=600, every=2, what="the release run's approval form")
+    assert detail["subject"].startswith(f"Release campaign {CAMPAIGN}, round ")
+    form = WebDriverWait(driver, 90)
+    driver.get(f"{airflow.base_url}/dags/{release_dag}/runs/{release_run}/tasks/approve/required_actions")
+    form.until(lambda d: "loss of the last global model" in d.find_element(By.TAG_NAME, "body").text)
+    page = driver.find_element(By.TAG_NAME, "body").text
+    assert detail["subject"] in page and "no previous release" in page, page[-3000:]
+    assert "site1" in page and "site2" in page and "MB moved" in page, page[-3000:]
+    driver.save_screenshot(str(shots / "release-approval-form.png"))
+    reject = form.until(lambda d: [b for b in d.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Reject"])
+    reject[0].click()
+    release = wait_for_release(airflow, CAMPAIGN, CAMPAIGN, timeout=300)
+    assert release["state"] == "success", release
+    states = ti_states(airflow, release_dag, release_run)
+    assert states["approve"]["state"] == "success" and states["publish"]["state"] == "skipped", states
+    record = json.loads((folder / CAMPAIGN / "release" / "approval.json").read_text())
+    assert record["approved"] is False and record["chosen_options"] == ["Reject"], record
+    assert not list((folder / "_releases" / CAMPAIGN).glob("[0-9]*"))
 
 
 def shown_as(value) -> str:

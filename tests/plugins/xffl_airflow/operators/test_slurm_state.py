@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from xffl_airflow.operators.slurm import first_try_of_series, series_start
+from xffl_airflow.operators.slurm_state import first_try_of_series, series_start
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """A finalize killed inside an atomic write leaves ``.<name>.<random>``: the next attempt removes
 those of its own files, and nothing else."""
 
-from xffl_airflow.federation import rounds
+from xffl_airflow.federation.rounds.cleanup import killed_writes, remove_leftovers
 
 
 def test_only_the_temporaries_of_the_named_files_are_removed(tmp_path):
@@ -9,5 +9,5 @@ def test_only_the_temporaries_of_the_named_files_are_removed(tmp_path):
     kept = ["manifest.json", "report.png", ".hidden", "manifest.json.bak", ".global.partial-x"]
     for name in left + kept:
         (tmp_path / name).write_text("x")
-    rounds._remove_leftovers(rounds._killed_writes(tmp_path, ["manifest.json", "report.png"]))
+    remove_leftovers(killed_writes(tmp_path, ["manifest.json", "report.png"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
