@@ -20,8 +20,10 @@ FACILITY_VENV ?= $(shell if runuser -u nobody -- test -r "$(CURDIR)/pyproject.to
 FACILITY_BASE_PYTHON ?= /usr/bin/python3
 PYTEST_ARGS ?=
 KEEP ?=
-# LORA=1: make demo runs the LoRA campaign (examples/local-lora.yaml) instead.
+# LORA=1: make demo runs the LoRA campaign (examples/local-lora.yaml) instead; PRIVACY=1 the
+# DP-SGD campaign (examples/local-dp.yaml), its table with each facility's epsilon per round.
 LORA ?=
+PRIVACY ?=
 # Packages the local facilities (and the PostgreSQL tests, and the headless-browser test of the
 # campaign view: chromium and its chromedriver) need from Debian.
 SYSTEM_PACKAGES_STAMP := $(VENV)/.system-packages
@@ -70,13 +72,17 @@ $(FACILITY_VENV)/.installed: requirements-facility.lock pyproject.toml $(XFFL_TA
 # KEEP=1 keeps Airflow and the facilities running after the campaign, for a look in the UI;
 # LORA=1 runs a 3-round LoRA campaign (only adapters move) instead of full fine-tuning.
 demo: setup
-	XFFL_DEMO_KEEP=$(KEEP) XFFL_DEMO_LORA=$(LORA) $(VENV)/bin/python -m xffl_testbed.demo
+	XFFL_DEMO_KEEP=$(KEEP) XFFL_DEMO_LORA=$(LORA) XFFL_DEMO_PRIVACY=$(PRIVACY) $(VENV)/bin/python -m xffl_testbed.demo
 
+# The 25 slowest tests are listed at the end, so the live tests' share of the time shows.
 test: setup
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest --durations=25 $(PYTEST_ARGS)
 
+# The tests that start nothing (tests/conftest.py marks the others from the fixtures they use);
+# without the facility environment, the tests that run it are skipped, saying so.
+UNIT_MARKERS := not slurm and not airflow_live and not postgres and not redis and not browser
 test-unit: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest -m "not slurm and not airflow_live and not postgres" $(PYTEST_ARGS)
+	XFFL_TEST_TIER=unit $(VENV)/bin/python -m pytest -m "$(UNIT_MARKERS)" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/python -m ruff check .

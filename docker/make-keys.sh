@@ -7,12 +7,22 @@
 #                                        user's only authorized key
 #   DIR/airflow.env     for every Airflow service: AIRFLOW_CONN_FACILITY_<NAME> (an SSH
 #                       connection to host NAME, port 22, user xffl, private key inline, host key
-#                       pinned, host-key checking on), the metadata database and Celery result
-#                       backend URLs, the Fernet key and the API's JWT secret
-#   DIR/postgres.env    the PostgreSQL container's user, password and database
-#   DIR/passwords.json  the UI login (user admin) of Airflow's simple auth manager
-#   DIR/../.env         AIRFLOW_UID, so that the Airflow containers run as you and can read
-#                       the files above (written 0600); compose reads .env beside compose.yaml
+#                       pinned, host-key checking on)
+#   compose secrets (mounted under /run/secrets/; one value each, without a final newline, as
+#   Airflow's AIRFLOW__...__KEY_CMD="cat FILE" reads them whole):
+#   DIR/postgres_password       the PostgreSQL password (POSTGRES_PASSWORD_FILE)
+#   DIR/sql_alchemy_conn        the metadata database URL (with that password)
+#   DIR/celery_result_backend   the Celery result backend URL (the same database)
+#   DIR/redis.conf              Redis' config: its password (requirepass), for the broker
+#   DIR/celery_broker_url       the broker URL (with that password)
+#   DIR/fernet_key, DIR/jwt_secret, DIR/api_secret_key   Airflow's Fernet key, JWT secret and
+#                       [api] secret_key (log server requests), the same for every component
+#   DIR/passwords.json  the UI login (user admin) of Airflow's simple auth manager (a bind mount,
+#                       not a secret: the auth manager opens it for writing)
+#   DIR/../.env         AIRFLOW_UID, so that the Airflow and Redis containers run as you and
+#                       can read the files above (written 0600); compose reads .env beside
+#                       compose.yaml and refuses to start without it
+# No password has a default anywhere: each is made here, at random, once.
 # NAME defaults to the facilities of compose.yaml: site1 site2. DIR defaults to keys/ beside
 # this script. Refuses to overwrite existing keys unless --force (the connections pin them).
 set -euo pipefail
@@ -25,6 +35,8 @@ DB_PORT=5432
 DB_NAME=airflow
 DB_USER=airflow
 UI_USER=admin
+REDIS_HOST=redis
+REDIS_PORT=6379
 
 die() { echo "make-keys: error: $*" >&2; exit 1; }
 usage() { echo "usage: make-keys.sh [--out DIR] [--force] [NAME...]" >&2; exit 2; }
@@ -54,11 +66,12 @@ trap 'rm -rf "$tmp"' EXIT
 
 secret() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
 # A Fernet key: 32 random bytes, URL-safe base64.
-fernet_key() { head -c 32 /dev/urandom | base64 | tr '+/' '-_'; }
+fernet_key() { head -c 32 /dev/urandom | base64 | tr '+/' '-_' | tr -d '\n'; }
 # A file's text as the inside of a JSON string (keys and base64 need no more than \n).
 json_text() { awk '{ printf "%s\\n", $0 }' "$1"; }
 
 db_password=$(secret 16)
+redis_password=$(secret 24)
 {
     echo "# Made by docker/make-keys.sh: secrets, keep private (0600)."
     for name in "${names[@]}"; do
@@ -70,16 +83,22 @@ db_password=$(secret 16)
         printf "AIRFLOW_CONN_%s='%s'\n" "$conn_name" \
             "{\"conn_type\": \"ssh\", \"host\": \"$name\", \"port\": $SSH_PORT, \"login\": \"$FACILITY_USER\", \"extra\": {\"private_key\": \"$(json_text "$tmp/$name/client_key")\", \"host_key\": \"$host_key\", \"no_host_key_check\": false, \"conn_timeout\": 10}}"
     done
-    echo "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=postgresql+psycopg2://$DB_USER:$db_password@$DB_HOST:$DB_PORT/$DB_NAME"
-    echo "AIRFLOW__CELERY__RESULT_BACKEND=db+postgresql://$DB_USER:$db_password@$DB_HOST:$DB_PORT/$DB_NAME"
-    echo "AIRFLOW__CORE__FERNET_KEY=$(fernet_key)"
-    echo "AIRFLOW__API_AUTH__JWT_SECRET=$(secret 32)"
 } >"$tmp/airflow.env"
+# One value per file, no final newline (Airflow's _CMD options take the output as it is).
+printf '%s' "$db_password" >"$tmp/postgres_password"
+printf '%s' "postgresql+psycopg2://$DB_USER:$db_password@$DB_HOST:$DB_PORT/$DB_NAME" >"$tmp/sql_alchemy_conn"
+printf '%s' "db+postgresql://$DB_USER:$db_password@$DB_HOST:$DB_PORT/$DB_NAME" >"$tmp/celery_result_backend"
+printf '%s' "redis://:$redis_password@$REDIS_HOST:$REDIS_PORT/0" >"$tmp/celery_broker_url"
 {
-    echo "POSTGRES_USER=$DB_USER"
-    echo "POSTGRES_PASSWORD=$db_password"
-    echo "POSTGRES_DB=$DB_NAME"
-} >"$tmp/postgres.env"
+    echo "# Made by docker/make-keys.sh: Redis' config, read by redis-server as a compose secret."
+    echo "requirepass $redis_password"
+    echo "bind * -::*"
+    echo "protected-mode yes"
+    echo "dir /tmp"
+} >"$tmp/redis.conf"
+printf '%s' "$(fernet_key)" >"$tmp/fernet_key"
+printf '%s' "$(secret 32)" >"$tmp/jwt_secret"
+printf '%s' "$(secret 32)" >"$tmp/api_secret_key"
 ui_password=$(secret 12)
 printf '{"%s": "%s"}\n' "$UI_USER" "$ui_password" >"$tmp/passwords.json"
 
@@ -88,7 +107,8 @@ for name in "${names[@]}"; do
     rm -rf "${out:?}/$name"
     mv "$tmp/$name" "$out/$name"
 done
-for file in postgres.env passwords.json airflow.env; do
+SECRETS="postgres_password sql_alchemy_conn celery_result_backend celery_broker_url redis.conf fernet_key jwt_secret api_secret_key passwords.json"
+for file in $SECRETS airflow.env; do  # airflow.env last: its presence means "made"
     mv "$tmp/$file" "$out/$file"
 done
 project=$(cd "$out/.." && pwd)

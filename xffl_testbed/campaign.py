@@ -171,3 +171,49 @@ def wait_for_campaign(
                     return runs
         time.sleep(poll)
     raise AirflowError(f"campaign {campaign} of {dag_id} did not end within {timeout:.0f} s")
+
+
+def wait_for_release(airflow: AirflowInstance, config_campaign: str, campaign: str, *, timeout: float = 900,
+                     poll: float = 1.0) -> dict:  # fmt: skip
+    """Waits for the release run of an ended ``campaign`` (started by its last round) to end;
+    returns the run (its ``state``: success, also when nothing was released, or failed)."""
+    from xffl_airflow.federation.names import release_dag_id, release_run_id
+
+    dag_id, run_id = release_dag_id(config_campaign), release_run_id(campaign)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            run = airflow.dag_run(dag_id, run_id)
+        except AirflowError as error:
+            if " 404 " not in str(error):
+                raise
+        else:
+            if run["state"] in ("success", "failed"):
+                return run
+        time.sleep(poll)
+    raise AirflowError(f"release run {run_id} of {dag_id} did not end within {timeout:.0f} s")
+
+
+def answer_release_approval(airflow: AirflowInstance, config_campaign: str, campaign: str, option: str, *,
+                            timeout: float = 900, poll: float = 1.0, user: str | None = None) -> dict:  # fmt: skip
+    """Waits until the release run of ``campaign`` asks for a person's approval, then answers
+    ``option`` ("Approve" or "Reject") through the REST API's human-in-the-loop endpoint, as
+    ``user`` (default: the admin); returns the form as it was asked (subject, body, options)."""
+    from xffl_airflow.federation.names import release_dag_id, release_run_id
+
+    path = (f"dags/{release_dag_id(config_campaign)}/dagRuns/{release_run_id(campaign)}"
+            "/taskInstances/approve/-1/hitlDetails")  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            asked = airflow.api("GET", path, user=user)
+        except AirflowError as error:
+            if " 404 " not in str(error):
+                raise
+        else:
+            if asked.get("response_received"):
+                raise AirflowError(f"the approval of {campaign} was already answered: {asked.get('chosen_options')}")
+            airflow.api("PATCH", path, user=user, json={"chosen_options": [option], "params_input": {}})
+            return asked
+        time.sleep(poll)
+    raise AirflowError(f"the release run of {campaign} asked for no approval within {timeout:.0f} s")

@@ -134,7 +134,8 @@ def parse_jobcomp(text: str) -> list[dict[str, str]]:
 
 def jobs_per_round(records: Iterable[Mapping[str, str]], campaign: str) -> dict[int, list[str]]:
     """The distinct job ids each round of ``campaign`` ran at one facility, from the jobs'
-    working directory (``<workdir>/<campaign>/round-NNNN/jobs``, where our batch scripts run)."""
+    working directory (``<workdir>/<dag id>/<campaign>/round-NNNN/jobs``, where our batch scripts
+    run)."""
     found: dict[int, list[str]] = {}
     for record in records:
         match = _ROUND_JOBS.search(record.get("WorkDir", ""))

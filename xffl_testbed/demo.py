@@ -26,15 +26,24 @@ import time
 from pathlib import Path
 
 from xffl_testbed.airflow_instance import AirflowInstance
-from xffl_testbed.campaign import campaign_runs, make_tiny, place_private_data, wait_for_campaign
+from xffl_testbed.campaign import (
+    campaign_runs,
+    make_tiny,
+    place_private_data,
+    wait_for_campaign,
+    wait_for_release,
+)
 from xffl_testbed.facilities import Testbed, facility_python
 
 REPO = Path(__file__).resolve().parent.parent
-# XFFL_DEMO_LORA=1 (make demo LORA=1): the LoRA campaign of examples/local-lora.yaml instead
+# XFFL_DEMO_LORA=1 (make demo LORA=1): the LoRA campaign of examples/local-lora.yaml instead;
+# XFFL_DEMO_PRIVACY=1 (make demo PRIVACY=1): the DP-SGD campaign of examples/local-dp.yaml
 LORA = os.environ.get("XFFL_DEMO_LORA", "") not in ("", "0", "false")
-EXAMPLE = REPO / "plugins" / "xffl_airflow" / "federation" / "examples" / ("local-lora.yaml" if LORA else "local.yaml")
-DAG_ID = "xffl_demo_lora" if LORA else "xffl_demo"
-CAMPAIGN = "demo_lora" if LORA else "demo"
+PRIVACY = os.environ.get("XFFL_DEMO_PRIVACY", "") not in ("", "0", "false")
+CAMPAIGN = "demo_lora" if LORA else ("demo_dp" if PRIVACY else "demo")
+EXAMPLE = REPO / "plugins" / "xffl_airflow" / "federation" / "examples" / (
+    "local-lora.yaml" if LORA else ("local-dp.yaml" if PRIVACY else "local.yaml"))
+DAG_ID = f"xffl_{CAMPAIGN}"
 
 
 def say(message: str) -> None:
@@ -125,6 +134,7 @@ def main() -> int:
         say(f"UI: {airflow.base_url} (login {airflow.username} / {airflow.password}), DAG {DAG_ID}")
         say(f"campaign view: {airflow.base_url}/dags/{DAG_ID}/plugin/xffl-campaign (the DAG's Campaign tab)")
         status = 0 if verify.returncode == 0 else 1
+        status = max(status, show_release(airflow, work / "campaigns"))
         if keep:
             say("XFFL_DEMO_KEEP is set: Airflow and the facilities keep running; Ctrl-C or SIGTERM stops them")
             try:
@@ -140,6 +150,30 @@ def main() -> int:
         testbed.down(purge=True)
     say(f"done in {time.monotonic() - started:.0f} s")
     return status
+
+
+def show_release(airflow: AirflowInstance, storage: Path) -> int:
+    """Waits for the campaign's release run; prints the release's folder and its card's first
+    lines (or why nothing was released); 0 when the run succeeded and the release verifies."""
+    from xffl_tasks.manifest import read_manifest
+
+    say("the campaign ended: its release run evaluates the last global model at both facilities")
+    run = wait_for_release(airflow, CAMPAIGN, CAMPAIGN, timeout=900)
+    decision = read_manifest(storage / CAMPAIGN / "release" / "selection.json") or {}
+    if run["state"] != "success":
+        say(f"release run {run['dag_run_id']} failed; its task logs are under {airflow.home / 'logs'}")
+        return 1
+    releases = sorted((storage / "_releases" / CAMPAIGN).glob("[0-9]*"), key=lambda p: int(p.name))
+    if not decision.get("release") or not releases:
+        say(f"nothing released: {decision.get('reason')}")
+        return 0
+    folder = releases[-1]
+    say(f"released: {folder} ({decision.get('reason')})")
+    card = (folder / "README.md").read_text().splitlines()
+    print("\n".join(card[:12]) + "\n...")
+    check = subprocess.run([sys.executable, "-m", "xffl_tasks.verify", str(folder)], capture_output=True, text=True)
+    say(check.stdout.strip() or check.stderr.strip())
+    return check.returncode
 
 
 def run() -> int:

@@ -1,5 +1,6 @@
 """Asks the installed Airflow whether ``airflow`` commands and ``AIRFLOW__SECTION__KEY`` options
-exist, and whether the CeleryExecutor imports: in a subprocess of this Python, with the CeleryExecutor configured (so that the
+exist (``AIRFLOW__SECTION__KEY_CMD`` for a sensitive option, which Airflow reads from a command),
+and whether the CeleryExecutor imports: in a subprocess of this Python, with the CeleryExecutor configured (so that the
 ``airflow celery`` commands load) and a throw-away AIRFLOW_HOME."""
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ for name in wanted["options"]:
         problems.append(f"{name} is not AIRFLOW__SECTION__KEY")
         continue
     section, option = parts[1].lower(), parts[2].lower()
+    if option.endswith("_cmd") and option not in described.get(section, {}).get("options", {}):
+        base = option[: -len("_cmd")]
+        if base not in described.get(section, {}).get("options", {}):
+            problems.append(f"{name}: Airflow has no option [{section}] {base} (for its _CMD form)")
+        elif (section, base) not in conf.sensitive_config_values:
+            problems.append(f"{name}: [{section}] {base} is not a sensitive option: Airflow ignores its _CMD form")
+        continue
     if option not in described.get(section, {}).get("options", {}):
         problems.append(f"{name}: Airflow has no option [{section}] {option}")
 if wanted["celery"]:

@@ -36,6 +36,7 @@ from tests.docker.facility_check import (
     check_facility_scripts,
 )
 from tests.docker.federation_check import check_federation
+from tests.docker.hardening_check import check_hardening, secret_values
 from xffl_testbed.airflow_settings import SettingsError, load_settings
 
 AIRFLOW_DOCKERFILE = "docker/airflow/Dockerfile"
@@ -112,7 +113,7 @@ def check_deployment(docker_dir: str | Path, *, airflow: bool = True) -> list[st
         for service in services.values()
         for entry in service.get("env_file") or []
     }
-    for path in sorted(named | {"keys/airflow.env", "keys/postgres.env"}):
+    for path in sorted(named | {"keys/airflow.env"}):
         if (c.docker / path).exists():
             env_files[path] = read_env_file(c.docker / path)
     airflow_env: dict[str, str] = {}
@@ -124,13 +125,25 @@ def check_deployment(docker_dir: str | Path, *, airflow: bool = True) -> list[st
                 airflow_env[key], sources[key] = value, f"docker/{path}"
         for key, value in as_dict(service.get("environment")).items():
             airflow_env[key], sources[key] = value, "docker/compose.yaml"
+    # AIRFLOW__X_CMD: cat /run/secrets/NAME -> AIRFLOW__X, as the services will read it
+    for key, (value, path) in secret_values(c, compose, airflow_services).items():
+        airflow_env[key], sources[key] = value, path
     _check_shared_settings(c, airflow_services, airflow_env)
+    shared = {}
+    if (c.docker / SHARED_SETTINGS).exists():
+        try:
+            groups = load_settings(c.docker / SHARED_SETTINGS).values()
+            shared = {k: v for group in groups for k, v in group.items()}
+        except SettingsError:
+            pass  # reported by _check_shared_settings
+    check_hardening(c, compose, airflow_services, facility_services, airflow_env, shared)
     check_facilities(
         c, facility_services, dockerfiles.get(FACILITY_DOCKERFILE), airflow_env, services
     )
     _check_airflow_services(
-        c, airflow_services, services, dockerfiles.get(AIRFLOW_DOCKERFILE), airflow_env, env_files
-    )
+        c, airflow_services, services, dockerfiles.get(AIRFLOW_DOCKERFILE), airflow_env,
+        _postgres_login(c, compose, services),
+    )  # fmt: skip
     check_federation(
         c, airflow_services, facility_services, airflow_env, dockerfiles.get(FACILITY_DOCKERFILE)
     )
@@ -282,8 +295,24 @@ def _check_locks(c: Findings, dockerfiles: dict[str, Dockerfile]) -> None:
             )
 
 
+def _postgres_login(c: Findings, compose: dict, services: dict) -> dict[str, str] | None:
+    """The PostgreSQL service's user, database and password (from its secret file), or None."""
+    for service in services.values():
+        if not str(service.get("image", "")).startswith("postgres"):
+            continue
+        env = as_dict(service.get("environment"))
+        secret = env.get("POSTGRES_PASSWORD_FILE", "").removeprefix("/run/secrets/")
+        spec = (compose.get("secrets") or {}).get(secret) or {}
+        path = c.docker / spec["file"] if isinstance(spec, dict) and spec.get("file") else None
+        if path is None or not path.is_file():
+            return None
+        return {"POSTGRES_USER": env.get("POSTGRES_USER", "postgres"),
+                "POSTGRES_PASSWORD": path.read_text(), "POSTGRES_DB": env.get("POSTGRES_DB", "")}  # fmt: skip
+    return None
+
+
 def _check_airflow_services(
-    c, airflow_services, services, dockerfile, airflow_env, env_files
+    c, airflow_services, services, dockerfile, airflow_env, postgres
 ) -> None:
     from xffl_testbed.airflow_instance import LATENCY_SETTINGS
 
@@ -340,7 +369,6 @@ def _check_airflow_services(
             "docker/compose.yaml",
             f"AIRFLOW__CELERY__BROKER_URL names no service exposing {broker.hostname}:{broker.port}",
         )
-    postgres = env_files.get("keys/postgres.env")
     for key in ("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__CELERY__RESULT_BACKEND"):
         url = urlsplit(airflow_env.get(key, ""))
         if (
@@ -349,7 +377,7 @@ def _check_airflow_services(
             or url.port != 5432
         ):
             c.problem(
-                "docker/keys/airflow.env",
+                "docker/keys/sql_alchemy_conn, celery_result_backend",
                 f"{key} does not point at the PostgreSQL service on port 5432",
             )
         elif postgres and (url.username, url.password, url.path.lstrip("/")) != (
@@ -358,6 +386,7 @@ def _check_airflow_services(
             postgres.get("POSTGRES_DB"),
         ):
             c.problem(
-                "docker/keys/airflow.env",
-                f"{key} disagrees with docker/keys/postgres.env (user, password, database)",
+                "docker/keys/sql_alchemy_conn, celery_result_backend",
+                f"{key} disagrees with the PostgreSQL service (user, database, the password in "
+                "docker/keys/postgres_password)",
             )

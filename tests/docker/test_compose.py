@@ -326,3 +326,104 @@ def test_the_compose_federation_config_loads_with_the_dag_s_own_loader(monkeypat
     assert [f.connection_id for f in config.facilities] == [
         f"facility_{f.name}" for f in config.facilities
     ]
+
+
+# -- hardening: secrets, Redis' password, networks, ports (tests/docker/hardening_check.py) ------
+
+UID_REQUIRED = "${AIRFLOW_UID:?run docker/make-keys.sh first: it writes docker/.env and docker/keys/}"
+REDIS_NETWORKS = "      - redis_conf\n    networks:\n      - control-plane\n"
+
+
+@pytest.mark.parametrize(
+    ("path", "old", "new", "expected"),
+    [
+        # Redis without its password, or with it on the command line (ps shows it)
+        ("compose.yaml", '["redis-server", "/run/secrets/redis_conf"]', '["redis-server"]',
+         "does not start redis-server with its config from a secret"),
+        ("compose.yaml", '["redis-server", "/run/secrets/redis_conf"]',
+         '["redis-server", "/run/secrets/redis_conf", "--requirepass", "x"]',
+         "passes the password on the command line"),
+        ("keys/redis.conf", "requirepass ", "# requirepass ", "must set one requirepass"),
+        ("keys/celery_broker_url", "redis://:", "redis://:wrong", "does not carry the password of docker/keys/redis.conf"),
+        ("compose.yaml", "REDISCLI_AUTH=", "NOAUTH=", "healthcheck does not authenticate"),
+        # the facilities' networks reach only their sshd, the worker and the triggerer
+        ("compose.yaml", REDIS_NETWORKS, REDIS_NETWORKS + "      - site1-net\n",
+         "service redis: is on facility network site1-net"),
+        ("compose.yaml", "    networks:\n      - site1-net\n", "    networks:\n      - site1-net\n      - control-plane\n",
+         "service site1: must be on exactly one network of its own"),
+        ("compose.yaml", "    networks:\n      - site2-net\n", "    networks:\n      - site1-net\n",
+         "service site1: shares network site1-net with site2"),
+        ("compose.yaml", "  site1-net:\n    internal: true\n", "  site1-net:\n",
+         "network site1-net: must be internal: true"),
+        ("compose.yaml", "    secrets:\n      - postgres_password\n    networks:\n      - control-plane\n",
+         "    secrets:\n      - postgres_password\n", "service postgres: names no networks"),
+        ("compose.yaml", "    command: [\"airflow\", \"triggerer\"]\n    # its Slurm triggers poll the facilities over SSH\n"
+         "    networks:\n      - control-plane\n      - site1-net\n      - site2-net\n",
+         "    command: [\"airflow\", \"triggerer\"]\n    networks:\n      - control-plane\n      - site1-net\n",
+         "service airflow-triggerer: is not on site2-net"),
+        # ports bind to loopback unless the user opts out
+        ("compose.yaml", '"${XFFL_BIND_ADDRESS:-127.0.0.1}:8080:8080"', '"8080:8080"',
+         "publishes '8080:8080': bind it to ${XFFL_BIND_ADDRESS:-127.0.0.1}"),
+        # no default or literal password, key or URL with a password
+        ("compose.yaml", "POSTGRES_PASSWORD_FILE: /run/secrets/postgres_password", "POSTGRES_PASSWORD: airflow",
+         "service postgres: sets POSTGRES_PASSWORD to a value"),
+        ("compose.yaml", "AIRFLOW__CORE__FERNET_KEY_CMD: cat /run/secrets/fernet_key",
+         "AIRFLOW__CORE__FERNET_KEY: 46BKJoQYlPPOexq0OhDZnIlNepKFf87WFwLbfzqDDho=",
+         "sets AIRFLOW__CORE__FERNET_KEY itself: read it from a secret"),
+        ("compose.yaml", "AIRFLOW__CELERY__BROKER_URL_CMD: cat /run/secrets/celery_broker_url",
+         "AIRFLOW__CELERY__BROKER_URL: redis://:hunter2@redis:6379/0", "holds a URL with a password"),
+        ("compose.yaml", "AIRFLOW__API_AUTH__JWT_SECRET_CMD: cat /run/secrets/jwt_secret",
+         "AIRFLOW__API_AUTH__JWT_SECRET_CMD: echo not-so-secret", "read secrets as `cat /run/secrets/NAME`"),
+        ("compose.yaml", '    AIRFLOW__API__PORT: "8080"\n',
+         '    AIRFLOW__API__PORT: "8080"\n    XFFL_TOKEN: ${XFFL_TOKEN:-changeme}\n',
+         "${XFFL_TOKEN} has a default ('changeme')"),
+        ("compose.yaml", UID_REQUIRED, "${AIRFLOW_UID:-50000}",
+         "${AIRFLOW_UID} must stop compose when docker/.env is missing"),
+        ("config/airflow.env", "AIRFLOW__CELERY__WORKER_CONCURRENCY=8",
+         "AIRFLOW__CELERY__WORKER_CONCURRENCY=8\nAIRFLOW__CORE__FERNET_KEY=x",
+         "sets AIRFLOW__CORE__FERNET_KEY: secrets do not belong in the shared settings"),
+        ("keys/fernet_key", "=", "=\n", "docker/keys/fernet_key: ends with a newline"),
+        ("keys/fernet_key", "=", "", "is not a Fernet key"),
+    ],
+)  # fmt: skip
+def test_a_hardening_regression_is_reported(tmp_path, path, old, new, expected):
+    problems = current_problems(mutated(tmp_path, path, old, new), airflow=False)
+    assert any(expected in p for p in problems), problems
+
+
+def test_a_missing_secret_file_is_reported_by_name(tmp_path):
+    docker = deployment_copy(tmp_path)
+    (docker / "keys" / "jwt_secret").unlink()
+    (docker / "keys" / "redis.conf").unlink()
+    problems = current_problems(docker, airflow=False)
+    assert any("docker/keys/jwt_secret: missing: the secret jwt_secret" in p for p in problems), problems
+    assert any("docker/keys/redis.conf: missing: Redis' config" in p for p in problems), problems
+
+
+def test_the_secrets_are_random_files_that_make_keys_writes_once(docker_copy):
+    compose = yaml.safe_load((REPO / "docker/compose.yaml").read_text())
+    files = {name: docker_copy / spec["file"] for name, spec in compose["secrets"].items()}
+    values = {name: path.read_text() for name, path in files.items()}
+    password = values["postgres_password"]
+    assert len(password) >= 32 and f":{password}@postgres:5432/" in values["sql_alchemy_conn"]
+    redis = values["redis_conf"].split("requirepass ", 1)[1].split()[0]
+    assert values["celery_broker_url"] == f"redis://:{redis}@redis:6379/0" and redis != password
+    assert len({values["jwt_secret"], values["api_secret_key"], password, redis}) == 4
+    for name, path in files.items():
+        assert path.stat().st_mode & 0o077 == 0, name
+    text = (REPO / "docker/compose.yaml").read_text() + (REPO / "docker/config/airflow.env").read_text()
+    for value in (password, redis, values["fernet_key"], values["jwt_secret"]):
+        assert value not in text
+    # the Airflow options read them through _CMD, which Airflow allows for these options only
+    from airflow.configuration import conf
+
+    for key in as_dict_env(compose):
+        if key.endswith("_CMD"):
+            section, option = key.removeprefix("AIRFLOW__").removesuffix("_CMD").lower().split("__")
+            assert (section, option) in conf.sensitive_config_values, key
+
+
+def as_dict_env(compose: dict) -> dict[str, str]:
+    from tests.docker.deployment_files import as_dict
+
+    return as_dict(compose["x-airflow-common"]["environment"])

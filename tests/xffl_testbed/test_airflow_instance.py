@@ -26,10 +26,6 @@ from xffl_testbed.airflow_settings import SettingsError, load_settings, parse_se
 
 DAG_FILE = Path(__file__).parent / "dags" / "xffl_smoke.py"
 PG = "postgresql+psycopg2://airflow:pw@127.0.0.1:5432/airflow"
-
-
-@pytest.mark.airflow_live
-@pytest.mark.slurm
 def test_a_dag_defers_and_reaches_a_facility(install_dag, testbed):
     airflow = install_dag(DAG_FILE, "xffl_smoke")
     run_id = airflow.trigger("xffl_smoke")
@@ -42,10 +38,6 @@ def test_a_dag_defers_and_reaches_a_facility(install_dag, testbed):
         "GET", f"dags/xffl_smoke/dagRuns/{run_id}/taskInstances/whoami/xcomEntries/return_value"
     )
     assert testbed.facility("site1").user in str(xcom["value"])
-
-
-@pytest.mark.airflow_live
-@pytest.mark.slurm
 def test_task_processes_start_with_the_federation_modules_loaded(install_dag):
     """The test bed runs the preloading LocalExecutor: the scheduler imported torch and the
     aggregation once, and a task's process (forked from it) finds them already there."""
@@ -60,10 +52,6 @@ def test_task_processes_start_with_the_federation_modules_loaded(install_dag):
         f"dags/xffl_preloaded/dagRuns/{run_id}/taskInstances/modules_at_start/xcomEntries/return_value",
     )
     assert xcom["value"] == {"torch": True, "xffl_tasks.aggregate": True, "asyncssh": True}
-
-
-@pytest.mark.airflow_live
-@pytest.mark.slurm
 def test_components_are_processes_of_ours(airflow_instance):
     pids = airflow_instance.pids()
     assert set(pids) == {"api-server", "scheduler", "dag-processor", "triggerer"}

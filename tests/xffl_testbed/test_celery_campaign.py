@@ -37,7 +37,7 @@ from xffl_testbed.postgres import sqlalchemy_url
 from xffl_testbed.processes import alive, with_descendants
 from xffl_testbed.redis_server import RedisServer
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slurm, pytest.mark.airflow_live, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 CAMPAIGN = "celery"
 DATABASE = "xffl_celery"

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import facility_python
 
-pytestmark = [pytest.mark.slurm, pytest.mark.airflow_live, pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("starts_facilities", "starts_airflow")]
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "chaos_campaign.py"
 COUNTS = {"kill_scheduler": 1, "kill_triggerer": 1, "kill_dag_processor": 1, "kill_task": 2,

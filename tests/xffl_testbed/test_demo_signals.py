@@ -79,6 +79,7 @@ demo.make_tiny = lambda path: path
 demo.place_private_data = lambda facility, corpus, name: f"/data/{name}"
 demo.wait_for_campaign = fake_wait
 demo.campaign_runs = lambda *a: [1]
+demo.show_release = lambda airflow, storage: 0
 demo.subprocess = SimpleNamespace(run=lambda *a, **k: SimpleNamespace(returncode=0, stdout="OK fake", stderr=""))
 sys.exit(demo.run())
 """

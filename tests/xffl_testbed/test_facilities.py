@@ -10,8 +10,6 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
-
 from xffl_testbed import facilities
 from xffl_testbed.facilities import SCRIPTS, Testbed, facility_python
 from xffl_testbed.processes import alive, with_descendants
@@ -56,10 +54,7 @@ def _users_left(users: list[str]) -> list[str]:
         except KeyError:
             pass
     return left
-
-
-@pytest.mark.slurm
-def test_facilities_started_in_parallel_each_get_their_own_ports_and_answer():
+def test_facilities_started_in_parallel_each_get_their_own_ports_and_answer(starts_facilities):
     """Starts 4 facilities, 4 at once (their daemons and one munged); stops them with down."""
     bed = Testbed.up(4, names=["pa", "pb", "pc", "pd"], parallel=4)
     try:
@@ -76,10 +71,7 @@ def test_facilities_started_in_parallel_each_get_their_own_ports_and_answer():
         bed.down(purge=True)
     assert [pid for pid in started if alive(pid)] == []
     assert _users_left(bed.users()) == []
-
-
-@pytest.mark.slurm
-def test_a_facility_that_fails_to_start_stops_every_facility_started_beside_it():
+def test_a_facility_that_fails_to_start_stops_every_facility_started_beside_it(starts_facilities):
     """Starts 3 facilities, 2 at once, with a facility Python that fails its check: up stops
     every daemon it started (down, by PID) and says which facilities failed and why."""
     run_dir = Path(tempfile.mkdtemp(prefix="xffl-testbed.", dir="/tmp"))

@@ -123,10 +123,7 @@ def test_bad_role_name_is_refused():
 
 
 # -- a real server -----------------------------------------------------------------------------
-
-
-@pytest.mark.postgres
-def test_stop_leaves_nothing_running_and_start_keeps_the_data():
+def test_stop_leaves_nothing_running_and_start_keeps_the_data(starts_postgres):
     with PostgresServer() as pg:
         assert pg.listening()
         # A helper (an autovacuum worker, say) may end between the listing and the look.
@@ -159,11 +156,6 @@ def test_stop_leaves_nothing_running_and_start_keeps_the_data():
 
 
 # The session's `postgres` and `airflow_on_postgres` fixtures (tests/conftest.py) serve here.
-
-
-@pytest.mark.postgres
-@pytest.mark.airflow_live
-@pytest.mark.slurm
 def test_airflow_migrates_and_runs_the_smoke_dag_on_postgres(
     airflow_on_postgres, postgres, testbed
 ):
@@ -224,10 +216,6 @@ def raw_task_log(airflow, dag_id: str, run_id: str, task_id: str, try_number: in
         headers={"Accept": "application/json"},
     )
     return json.dumps(answer)
-
-
-@pytest.mark.postgres
-@pytest.mark.airflow_live
 def test_a_task_fails_while_postgres_is_down_and_its_retry_completes(airflow_on_postgres, postgres):
     airflow = airflow_on_postgres
     signals = Path(airflow.env["XFFL_OUTAGE_SIGNALS"])

@@ -16,7 +16,7 @@ import pytest
 from xffl_testbed.processes import alive
 from xffl_testbed.redis_server import RedisError, RedisServer, redis_config, redis_url
 
-live = pytest.mark.postgres
+live = pytest.mark.usefixtures("starts_redis")
 
 
 def test_redis_config_is_loopback_only_and_keeps_nothing_on_disk():

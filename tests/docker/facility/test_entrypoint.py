@@ -28,7 +28,8 @@ from tests.docker.deployment_files import read_env_file
 from xffl_testbed.airflow_instance import free_port
 from xffl_testbed.processes import alive, terminate, with_descendants
 
-pytestmark = pytest.mark.slurm
+pytestmark = pytest.mark.usefixtures("starts_facilities")
+
 
 DOCKER = Path(__file__).resolve().parents[3] / "docker"
 

@@ -18,7 +18,8 @@ import pytest
 from xffl_testbed.facilities import SCRIPTS, Testbed
 from xffl_testbed.processes import alive, with_descendants
 
-pytestmark = pytest.mark.slurm
+pytestmark = pytest.mark.usefixtures("starts_facilities")
+
 
 
 def wait_for_job(facility, job_id: str, timeout: float = 60) -> str:
