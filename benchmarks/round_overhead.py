@@ -13,7 +13,11 @@ local Slurm facility that every facility entry shares, and runs, in the same ins
 
 Round wall time is the DAG run's end minus its start; overhead is that minus the 1 s of
 "training". It prints one JSON line per facility count with the median over the rounds after
-the first (the first pays one-off costs such as DAG parsing by the workers).
+the first (the first pays one-off costs such as DAG parsing by the workers), and the CPU
+seconds the Airflow components and every process they started spent per round and per task
+instance (``cpu_s_per_round``, ``cpu_s_per_task``: user plus system, the reaped task
+processes included), and each kind of task's median wall seconds (``ours_task_s``,
+``floor_task_s``), for ours and for the floor.
 """
 
 from __future__ import annotations
@@ -54,6 +58,45 @@ def run_seconds(run: dict) -> float:
     start = datetime.fromisoformat(run["start_date"])
     end = datetime.fromisoformat(run["end_date"])
     return (end - start).total_seconds()
+
+
+def airflow_cpu_seconds(airflow) -> float:
+    """User plus system CPU seconds of the Airflow components and their descendants so far
+    (live ones directly, ended ones through their parents' children times)."""
+    import psutil
+
+    total = 0.0
+    for process in airflow.processes.values():
+        try:
+            root = psutil.Process(process.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for member in tree:
+            try:
+                times = member.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def cpu_figures(seconds: float, runs: list[dict], task_count: int) -> dict:
+    return {"cpu_s_per_round": round(seconds / len(runs), 2),
+            "cpu_s_per_task": round(seconds / max(1, task_count), 3)}  # fmt: skip
+
+
+def task_seconds(airflow, dag_id: str, runs: list[dict]) -> dict[str, float]:
+    """Median wall seconds of each kind of task (its id without the facility group), over the
+    rounds after the first: where a round's time goes, task by task."""
+    spans: dict[str, list[float]] = {}
+    measured = sorted(runs, key=lambda r: r["start_date"])[1:] or runs
+    for run in measured:
+        for ti in airflow.task_instances(dag_id, run["dag_run_id"]):
+            if ti.get("start_date") and ti.get("end_date"):
+                seconds = (datetime.fromisoformat(ti["end_date"]) - datetime.fromisoformat(ti["start_date"])).total_seconds()
+                spans.setdefault(ti["task_id"].rsplit(".", 1)[-1], []).append(seconds)
+    return {kind: round(statistics.median(values), 2) for kind, values in sorted(spans.items())}
 
 
 def median_overhead(runs: list[dict]) -> tuple[float, list[float]]:
@@ -103,6 +146,7 @@ def bench(count: int, rounds: int, work: Path, python: str, facility) -> dict:
         airflow.wait_for_dag(ours_id, timeout=300)
         airflow.wait_for_dag(floor_id, timeout=300)
         # the floor first, then ours, on the same warm instance
+        cpu_start = airflow_cpu_seconds(airflow)
         airflow.trigger(floor_id, run_id="floor__round-0", conf={"round": 0})
         deadline = time.monotonic() + 900
         while True:
@@ -113,8 +157,14 @@ def bench(count: int, rounds: int, work: Path, python: str, facility) -> dict:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"floor DAG did not finish {rounds} rounds")
             time.sleep(1)
+        time.sleep(5)  # the floor's last task processes reaped
+        cpu_floor = airflow_cpu_seconds(airflow)
         airflow.trigger(ours_id, run_id=f"xffl__bench{count}__round-0000", conf={"round": 0})
         ours_runs = wait_for_campaign(airflow, ours_id, f"bench{count}", storage / f"bench{count}", timeout=1800)
+        time.sleep(5)
+        cpu_ours = airflow_cpu_seconds(airflow)
+        tasks = {dag_id: sum(len(airflow.task_instances(dag_id, r["dag_run_id"])) for r in dag_runs)
+                 for dag_id, dag_runs in ((ours_id, ours_runs), (floor_id, floor_runs))}  # fmt: skip
         failed = [r["dag_run_id"] for r in ours_runs + floor_runs if r["state"] != "success"]
         if failed:
             raise RuntimeError(f"runs failed: {failed}; logs under {airflow.home / 'logs'}")
@@ -133,6 +183,10 @@ def bench(count: int, rounds: int, work: Path, python: str, facility) -> dict:
             "ratio": round(ours / floor_overhead, 3) if floor_overhead > 0 else None,
             "ours_round_wall_s": [round(w, 2) for w in ours_walls],
             "floor_round_wall_s": [round(w, 2) for w in floor_walls],
+            "ours_cpu": cpu_figures(cpu_ours - cpu_floor, ours_runs, tasks[ours_id]),
+            "floor_cpu": cpu_figures(cpu_floor - cpu_start, floor_runs, tasks[floor_id]),
+            "ours_task_s": task_seconds(airflow, ours_id, ours_runs),
+            "floor_task_s": task_seconds(airflow, floor_id, floor_runs),
         }
     finally:
         airflow.stop()

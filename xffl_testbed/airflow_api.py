@@ -137,9 +137,18 @@ class AirflowApi:
         raise AirflowError(f"run {run_id} of {dag_id} still {state} after {timeout:.0f} s")
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
-        return self.api(
-            "GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances", params={"limit": 1000}
-        )["task_instances"]
+        """Every task instance of the run, page after page (the API caps a page at
+        ``[api] maximum_page_limit``, 100 by default: a 32-facility round has more)."""
+        found: list[dict] = []
+        while True:
+            page = self.api(
+                "GET",
+                f"dags/{dag_id}/dagRuns/{run_id}/taskInstances",
+                params={"limit": 100, "offset": len(found)},
+            )
+            found.extend(page["task_instances"])
+            if not page["task_instances"] or len(found) >= page.get("total_entries", 0):
+                return found
 
     def task_log(
         self, dag_id: str, run_id: str, task_id: str, try_number: int = 1, map_index: int = -1
