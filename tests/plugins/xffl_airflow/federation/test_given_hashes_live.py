@@ -5,8 +5,9 @@ hashed again, and the report says so.
 Starts: the session's ``testbed`` (two facilities behind sshd, Slurm) and ``airflow_instance``
 (api-server, scheduler, dag-processor, triggerer on SQLite), stopped at the end of the session
 by PID. A one-round campaign runs in Airflow; then, to touch a pulled file between the pull and
-the aggregation, this test runs the round's ``aggregate_round`` again in its own process, with
-the plan and the pulls' reports that the DAG's tasks returned (their XComs).
+the aggregation, this test runs the round's aggregation step again in its own process, from
+the round's sealed plan and the pulls' records in the campaign's storage (what the DAG's tasks
+obey; their XComs are only shown).
 """
 
 from __future__ import annotations
@@ -23,14 +24,6 @@ from xffl_testbed.campaign import wait_for_campaign
 pytestmark = pytest.mark.slow
 
 
-def xcom(airflow, dag_id: str, run_id: str, task_id: str):
-    answer = airflow.api(
-        "GET", f"dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
-    )
-    value = answer["value"]
-    return json.loads(value) if isinstance(value, str) else value
-
-
 def sizes(folder: Path, pattern: str = "*") -> int:
     return sum(p.stat().st_size for p in folder.glob(pattern) if p.is_file())
 
@@ -38,7 +31,9 @@ def sizes(folder: Path, pattern: str = "*") -> int:
 def test_the_aggregation_reads_each_pulled_file_once_and_rehashes_a_touched_one(
     airflow_instance, testbed, corpora, tiny, storage
 ):
-    from xffl_airflow.federation.rounds import aggregate_round
+    from xffl_airflow.federation.names import FederationDag
+    from xffl_airflow.federation.rounds.aggregate import aggregate_step, delivered
+    from xffl_airflow.federation.rounds.store import load_plan
 
     dag_id = run_campaign(
         airflow_instance, testbed, corpora, tiny, storage, campaign="given-hashes",
@@ -48,13 +43,12 @@ def test_the_aggregation_reads_each_pulled_file_once_and_rehashes_a_touched_one(
         airflow_instance, dag_id, "given-hashes", storage / "given-hashes", timeout=900
     )
     assert [r["state"] for r in runs] == ["success"], runs
-    run_id = runs[0]["dag_run_id"]
-    plan = xcom(airflow_instance, dag_id, run_id, "prepare")
-    pulled = {
-        name: xcom(airflow_instance, dag_id, run_id, f"{name}.pull") for name in ("site1", "site2")
-    }
-    previous = Path(plan["input_model"])
-    clients = {name: Path(result["path"]) for name, result in pulled.items()}
+    dag = FederationDag(dag_id, "given-hashes", storage, str(storage / "given-hashes.yaml"))
+    sealed = load_plan(dag, "given-hashes", 0)
+    pulled = delivered(sealed)
+    assert sorted(pulled) == ["site1", "site2"]
+    previous = Path(sealed.plan.input_model)
+    clients = {name: sealed.layout.client_dir(0, name) for name in pulled}
     for name, result in pulled.items():  # the pull recorded what the aggregation checks
         assert set(result["transfer"]["file_stats"]) == set(result["transfer"]["files"]), name
 
@@ -77,7 +71,7 @@ def test_the_aggregation_reads_each_pulled_file_once_and_rehashes_a_touched_one(
     (round_dir / ".global.partial-x1y2z3w4").mkdir()
     (round_dir / ".global.partial-x1y2z3w4" / "model.safetensors").write_bytes(b"half")
     (round_dir / "global.stale-1").mkdir()
-    again = aggregate_round(plan, pulled)["report"]
+    again = aggregate_step(sealed)["report"]
     assert sorted(p.name for p in round_dir.iterdir() if "global" in p.name) == ["global"]
     assert again["input_hashes"]["stale"] == [str(touched)]
     site2 = next(entry for entry in again["clients"] if entry["name"] == "site2")
