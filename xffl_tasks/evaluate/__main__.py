@@ -13,33 +13,17 @@ error); 143 terminated by SIGTERM. Errors are one line on stderr: ``xffl-evaluat
 
 from __future__ import annotations
 
-import logging
-import os
 import signal
 import sys
 import traceback
 
 from xffl_tasks.data.corpus import DataError
 from xffl_tasks.launch import LaunchError
-from xffl_tasks.train.__main__ import Terminated, _on_sigterm, _rank_label
+from xffl_tasks.train.__main__ import Terminated, _configure_logging, _on_sigterm, _rank_label
 from xffl_tasks.train.checkpoint import one_line
 from xffl_tasks.train.config import ConfigError, TrainingError
 
 PROG = "xffl-evaluate"
-
-
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO if _rank_label() == "" else logging.WARNING,
-        format=f"%(asctime)s {PROG}{_rank_label()} %(levelname)s %(message)s",
-        stream=sys.stderr,
-    )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +40,7 @@ def _main(argv: list[str] | None) -> int:
         from xffl_tasks.evaluate.config import parse_arguments
 
         config = parse_arguments(argv)
-        _configure_logging()
+        _configure_logging(PROG)
         from xffl_tasks.evaluate.run import run
 
         record = run(config)

@@ -92,11 +92,12 @@ def _rank_label() -> str:
     return ""
 
 
-def _configure_logging() -> None:
+def _configure_logging(prog: str = "xffl-train") -> None:
+    """Log lines on stderr headed by ``prog`` and the rank; rank 0 at INFO, the others WARNING."""
     main = _rank_label() == ""
     logging.basicConfig(
         level=logging.INFO if main else logging.WARNING,
-        format=f"%(asctime)s xffl-train{_rank_label()} %(levelname)s %(message)s",
+        format=f"%(asctime)s {prog}{_rank_label()} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
