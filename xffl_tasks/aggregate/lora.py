@@ -59,7 +59,7 @@ from xffl_tasks.aggregate.lora_bounds import adapter_norm, all_finite, bound_ada
 from xffl_tasks.aggregate.lora_options import check_adapter_options, check_adapter_strategy
 from xffl_tasks.aggregate.metrics import METRICS_FILE
 from xffl_tasks.aggregate.model_folder import refuse_pickles
-from xffl_tasks.aggregate.report import REPORT_FILE, REPORT_FORMAT, cosine
+from xffl_tasks.aggregate.report import REPORT_FILE, REPORT_FORMAT, client_entry
 from xffl_tasks.aggregate.safetensors_format import (
     HeaderError,
     SafetensorsHeader,
@@ -350,24 +350,10 @@ def aggregate_adapters(
         accepted = [c for i, c in enumerate(accepted) if i not in found]
     state = moved
     global_norm = math.sqrt(change_squared)
-    clients_report = []
-    for index, ((name, adapter, weight), share) in enumerate(zip(accepted, normalized)):
-        norm = math.sqrt(squared[index])
-        entry = {
-            "name": name,
-            "path": str(adapter.path),
-            "weight": weight.weight,
-            "weight_source": weight.source,
-            "normalized_weight": share,
-            "files": dict(sorted(adapter.files.items())),
-            "update_norm": norm,
-            "cosine_to_aggregate": cosine(dots[index], norm, global_norm),
-        }
-        if weight.num_samples is not None:
-            entry["num_samples"] = weight.num_samples
-        if weight.num_tokens is not None:
-            entry["num_tokens"] = weight.num_tokens
-        clients_report.append(entry)
+    clients_report = [
+        client_entry(client, share, squared[index], dots[index], global_norm)
+        for index, (client, share) in enumerate(zip(accepted, normalized))
+    ]
     with staged_folder(out) as stage:
         from safetensors.torch import save_file
 
@@ -446,3 +432,4 @@ def check_client_adapter(previous: Path, client: Path, *, label: str) -> None:
     prior = Adapter("the round's input adapter", Path(previous), settings, header, {}, {}, 0)
     their_settings, their_header = _open_adapter(Path(client), label)
     _same_tensors(prior, label, their_settings, their_header)
+

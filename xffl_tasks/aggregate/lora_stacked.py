@@ -51,7 +51,7 @@ from xffl_tasks.aggregate.lora_stacked_math import (
     stacked_statistics,
 )
 from xffl_tasks.aggregate.model_folder import ModelFolder, open_model_folder
-from xffl_tasks.aggregate.report import REPORT_FILE, REPORT_FORMAT, cosine
+from xffl_tasks.aggregate.report import REPORT_FILE, REPORT_FORMAT, client_entry
 from xffl_tasks.aggregate.staging import staged_folder
 from xffl_tasks.aggregate.update_bounds import check_max_samples
 from xffl_tasks.aggregate.weights import check_given_weights, normalize
@@ -423,25 +423,9 @@ def _write(
 
 
 def _clients_report(accepted, normalized, stack, squared, dots, global_norm) -> list[dict]:
-    entries = []
-    for index, ((name, adapter, weight), share) in enumerate(zip(accepted, normalized)):
-        norm = math.sqrt(squared[index])
-        entry = {
-            "name": name,
-            "path": str(adapter.path),
-            "weight": weight.weight,
-            "weight_source": weight.source,
-            "normalized_weight": share,
-            "r": stack[index].r,
-            "alpha": stack[index].alpha,
-            "coefficient": stack[index].coefficient,
-            "files": dict(sorted(adapter.files.items())),
-            "update_norm": norm,
-            "cosine_to_aggregate": cosine(dots[index], norm, global_norm),
-        }
-        if weight.num_samples is not None:
-            entry["num_samples"] = weight.num_samples
-        if weight.num_tokens is not None:
-            entry["num_tokens"] = weight.num_tokens
-        entries.append(entry)
-    return entries
+    return [
+        client_entry(client, share, squared[index], dots[index], global_norm,
+                     {"r": stack[index].r, "alpha": stack[index].alpha,
+                      "coefficient": stack[index].coefficient})
+        for index, (client, share) in enumerate(zip(accepted, normalized))
+    ]  # fmt: skip

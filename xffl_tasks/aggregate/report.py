@@ -86,3 +86,26 @@ def build_report(
         "bytes_written": bytes_written,
         "seconds": round(seconds, 3),
     }
+
+def client_entry(client, share: float, squared: float, dot: float, global_norm: float,
+                 extra: Mapping[str, object] | None = None) -> dict:
+    """A client's line in the adapter aggregations' report: ``client`` is (name, adapter,
+    weight); ``extra`` (the stacked aggregation's rank, alpha, coefficient) follows the weights."""
+    name, adapter, weight = client
+    norm = math.sqrt(squared)
+    entry = {
+        "name": name,
+        "path": str(adapter.path),
+        "weight": weight.weight,
+        "weight_source": weight.source,
+        "normalized_weight": share,
+        **(extra or {}),
+        "files": dict(sorted(adapter.files.items())),
+        "update_norm": norm,
+        "cosine_to_aggregate": cosine(dot, norm, global_norm),
+    }
+    if weight.num_samples is not None:
+        entry["num_samples"] = weight.num_samples
+    if weight.num_tokens is not None:
+        entry["num_tokens"] = weight.num_tokens
+    return entry
