@@ -145,12 +145,12 @@ def _rss_anon(pid: int) -> int:
     return 0
 
 
-def time_strategy(strategy: str, previous: Path, clients: list[Path], out: Path) -> dict:
+def run_in_child(target, args: tuple, failed: str) -> tuple[dict, int]:
+    """Runs ``target(*args, queue)`` in a spawned process; its result and its peak anonymous
+    RSS in bytes (sampled every 2 ms). ``failed`` names the work in the error if it fails."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(
-        target=_child, args=(strategy, str(previous), [str(c) for c in clients], str(out), queue)
-    )
+    child = context.Process(target=target, args=(*args, queue))
     child.start()
     peak = 0
     while child.is_alive():
@@ -158,8 +158,13 @@ def time_strategy(strategy: str, previous: Path, clients: list[Path], out: Path)
         time.sleep(0.002)
     child.join()
     if child.exitcode != 0:
-        raise RuntimeError(f"{strategy}: the aggregation failed (exit {child.exitcode})")
-    result = queue.get()
+        raise RuntimeError(f"{failed} (exit {child.exitcode})")
+    return queue.get(), peak
+
+
+def time_strategy(strategy: str, previous: Path, clients: list[Path], out: Path) -> dict:
+    args = (strategy, str(previous), [str(c) for c in clients], str(out))
+    result, peak = run_in_child(_child, args, f"{strategy}: the aggregation failed")
     return {
         "seconds": round(result["seconds"], 3),
         "peak_anon_mb": round(peak / 2**20, 1),
@@ -283,18 +288,8 @@ def _stacked_child(kind: str, base: str, inputs: list[str], out: str, queue) -> 
 
 
 def _in_child(kind: str, base: Path, inputs: list[Path], out: Path) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=_stacked_child, args=(kind, str(base), [str(p) for p in inputs], str(out), queue))
-    child.start()
-    peak = 0
-    while child.is_alive():
-        peak = max(peak, _rss_anon(child.pid))
-        time.sleep(0.002)
-    child.join()
-    if child.exitcode != 0:
-        raise RuntimeError(f"lora-stacked {kind} failed (exit {child.exitcode})")
-    result = queue.get()
+    args = (kind, str(base), [str(p) for p in inputs], str(out))
+    result, peak = run_in_child(_stacked_child, args, f"lora-stacked {kind} failed")
     result["seconds"] = round(result["seconds"], 3)
     result["cpu_seconds"] = round(result["cpu_seconds"], 3)
     result["peak_anon_mb"] = round(peak / 2**20, 1)
